@@ -1,0 +1,61 @@
+# edgebrain: `make demo` and `make test` work on a fresh machine (they create .venv themselves).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EB := $(VENV)/bin/edgebrain
+DATA ?= $(abspath ../shared/data/brain-tumor-mri-224)
+MODELS ?= artifacts/models
+DEMO ?= artifacts/demo
+export TF_USE_LEGACY_KERAS := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: help venv demo test lint bench models clean check-data
+
+help:
+	@echo "make demo    - train -> convert -> bench -> gate on the real data (creates $(VENV))"
+	@echo "make test    - run the test suite (creates $(VENV))"
+	@echo "make lint    - ruff"
+	@echo "make bench   - benchmarks/ scripts -> BENCHMARKS.md"
+	@echo "make models  - (re)build the documented trained models into $(MODELS) (cached)"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e ".[full,dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+check-data:
+	@test -d "$(DATA)/Training" || { echo "error: dataset not found at $(DATA) (expected ../shared/data/brain-tumor-mri-224 beside the checkout; set DATA=...)"; exit 2; }
+
+test: venv check-data
+	EDGEBRAIN_DATA="$(DATA)" $(VENV)/bin/pytest -q -ra
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+# ---------------------------------------------------------------- trained models (cached)
+# (a) lightweight variant on CPU, (b) full-depth ResNet50 at a reduced input size.
+LITE := $(MODELS)/resnet50-lite-128
+FULL := $(MODELS)/resnet50-96
+
+$(LITE)/model.keras: | venv check-data
+	$(EB) train resnet50-lite --data "$(DATA)" --out $(LITE) --size 128 --epochs 30 --batch-size 32 \
+	  --lr 2e-3 --lr-schedule cosine --patience 30 --seed 42 --overwrite
+
+$(FULL)/model.keras: | venv check-data
+	$(EB) train resnet50 --data "$(DATA)" --out $(FULL) --size 96 --epochs 18 --batch-size 32 \
+	  --lr 1e-3 --lr-schedule cosine --patience 18 --flip --seed 42 --overwrite
+
+models: $(LITE)/model.keras $(FULL)/model.keras
+
+demo: venv check-data
+	$(PY) -m edgebrain.demo --data "$(DATA)" --out $(DEMO)
+
+bench: venv check-data
+	$(PY) benchmarks/run_all.py --data "$(DATA)"
+
+clean:
+	rm -rf artifacts .pytest_cache .ruff_cache

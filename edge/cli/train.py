@@ -1,0 +1,55 @@
+"""``edgebrain train VARIANT --data DIR --out DIR``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import EdgebrainError
+
+
+@click.command(name="train")
+@click.argument("variant")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
+              help="Dataset folder (Training/ and Testing/ with one folder per class).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder for the model.")
+@click.option("--size", "input_size", type=int, default=None, help="Input size in pixels (default: the variant's).")
+@click.option("--width", type=float, default=1.0, show_default=True, help="Channel width multiplier.")
+@click.option("--weights", default="none", show_default=True, help="imagenet | none | PATH to weights.")
+@click.option("--preprocess", default=None,
+              help="rescale | xception | caffe | imagenet | meanstd:M,M,M/S,S,S (default: per variant).")
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["cosine", "plateau", "constant"]), default="cosine",
+              show_default=True)
+@click.option("--patience", type=int, default=8, show_default=True, help="Early-stopping patience (epochs).")
+@click.option("--class-weights", is_flag=True, help="Balanced class weights.")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--per-class", type=int, default=None, help="Train on a stratified subset (N per class).")
+@click.option("--eval-per-class", type=int, default=None, help="Evaluate on a stratified Testing subset.")
+@click.option("--flip", is_flag=True, help="Random horizontal flips.")
+@click.option("--rotate", type=float, default=0.0, help="Random rotation, fraction of a turn (e.g. 0.05).")
+@click.option("--shift", type=float, default=0.0, help="Random shift, fraction of the size.")
+@click.option("--zoom", type=float, default=0.0, help="Random zoom, fraction.")
+@click.option("--no-brightness", is_flag=True, help="Disable the seed's brightness x[0.8, 1.2] augmentation.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+def command(variant: str, data_dir: Path, out: Path, no_brightness: bool, **kw: object) -> None:
+    """Train VARIANT (resnet50, resnet50-lite, resnet50-ft, xception, xception-lite, xception-ft,
+    sr-resnet50) with Adam and categorical cross-entropy, early stopping and an LR schedule.
+
+    Writes model.keras (tf-keras), model_card.json, history.json and metrics.json (Testing and
+    deduplicated Testing: accuracy, per-class precision/recall/F1, macro-F1, confusion matrix).
+    """
+    from ..train import TrainConfig, train
+
+    cfg = TrainConfig(variant=variant, data_dir=str(data_dir), out=str(out),
+                      brightness=(1.0, 1.0) if no_brightness else (0.8, 1.2), **kw)  # type: ignore[arg-type]
+    try:
+        res = train(cfg)
+    except EdgebrainError as exc:
+        raise click.ClickException(str(exc)) from exc
+    m = res["card"]["metrics"]
+    click.echo(json.dumps({"out": str(out), **m}, indent=2))

@@ -1,0 +1,165 @@
+"""The TensorFlow-free edge runtime: load an artifact and run it.
+
+Interpreters, in order of preference for ``.tflite``: ``ai-edge-litert`` (LiteRT), then
+``tflite-runtime`` (fallback only: 2.14 crashes under NumPy 2). ``.onnx`` runs on
+onnxruntime, OpenVINO IR (``.xml``) on openvino. Nothing here imports TensorFlow.
+
+Every runner takes *preprocessed* float32 NHWC input (the manifest's spec applied)
+and returns class probabilities; int8-I/O models are (de)quantised inside the runner.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .artifact import Artifact
+from .errors import EdgebrainError
+
+
+class RuntimeUnavailable(EdgebrainError):
+    pass
+
+
+class Runner(Protocol):
+    name: str  # e.g. "ai-edge-litert 2.3.0"
+    device: str  # what it really runs on, e.g. "CPU"
+
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def _softmax_if_logits(y: np.ndarray) -> np.ndarray:
+    y = y.astype(np.float32)
+    s = y.sum(axis=-1, keepdims=True)
+    if np.all(y >= -1e-4) and np.allclose(s, 1.0, atol=2e-2):
+        return y
+    e = np.exp(y - y.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def tflite_interpreter_class() -> tuple[Any, str]:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        from importlib.metadata import version
+
+        return Interpreter, f"ai-edge-litert {version('ai-edge-litert')}"
+    except ImportError:
+        pass
+    try:
+        import numpy
+
+        if int(numpy.__version__.split(".")[0]) >= 2:
+            print("warning: using tflite-runtime under NumPy 2 (known to crash with 2.14); "
+                  "install ai-edge-litert", file=sys.stderr)
+        from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+
+        return Interpreter, "tflite-runtime"
+    except ImportError as exc:
+        raise RuntimeUnavailable(
+            "no TFLite interpreter: pip install ai-edge-litert (or tflite-runtime as a fallback)"
+        ) from exc
+
+
+class TFLiteRunner:
+    device = "CPU"
+
+    def __init__(self, model_file: Path, threads: int | None = None, **_: Any) -> None:
+        Interpreter, self.name = tflite_interpreter_class()
+        self.interp = Interpreter(model_path=str(model_file), num_threads=threads or os.cpu_count())
+        self.interp.allocate_tensors()
+        self.inp = self.interp.get_input_details()[0]
+        self.out = self.interp.get_output_details()[0]
+        self._batch = int(self.inp["shape"][0])
+
+    def _resize(self, n: int) -> None:
+        if n != self._batch:
+            shape = list(self.inp["shape"])
+            shape[0] = n
+            self.interp.resize_tensor_input(self.inp["index"], shape)
+            self.interp.allocate_tensors()
+            self.inp = self.interp.get_input_details()[0]
+            self.out = self.interp.get_output_details()[0]
+            self._batch = n
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        self._resize(len(x))
+        dt = self.inp["dtype"]
+        if dt in (np.int8, np.uint8, np.int16):
+            scale, zp = self.inp["quantization"]
+            info = np.iinfo(dt)
+            x = np.clip(np.rint(x / scale + zp), info.min, info.max).astype(dt)
+        self.interp.set_tensor(self.inp["index"], x)
+        self.interp.invoke()
+        y = self.interp.get_tensor(self.out["index"])
+        if self.out["dtype"] in (np.int8, np.uint8, np.int16):
+            scale, zp = self.out["quantization"]
+            y = (y.astype(np.float32) - zp) * scale
+        return _softmax_if_logits(y)
+
+
+class ONNXRunner:
+    device = "CPU"
+
+    def __init__(self, model_file: Path, threads: int | None = None, providers: list[str] | None = None,
+                 **_: Any) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise RuntimeUnavailable("onnxruntime is not installed: pip install onnxruntime") from exc
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.sess = ort.InferenceSession(str(model_file), so, providers=providers or ["CPUExecutionProvider"])
+        self.input_name = self.sess.get_inputs()[0].name
+        self.name = f"onnxruntime {ort.__version__}"
+        self.device = ",".join(self.sess.get_providers())
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        y = self.sess.run(None, {self.input_name: np.asarray(x, np.float32)})[0]
+        return _softmax_if_logits(y)
+
+
+class OpenVINORunner:
+    def __init__(self, model_file: Path, threads: int | None = None, device: str = "CPU",
+                 inference_precision: str = "f32", performance_hint: str = "LATENCY", **_: Any) -> None:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise RuntimeUnavailable("openvino is not installed: pip install openvino") from exc
+        core = ov.Core()
+        model = core.read_model(str(model_file))
+        # Always explicit: on bf16-capable CPUs OpenVINO otherwise runs "fp32" models in bf16.
+        cfg: dict[str, Any] = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": performance_hint}
+        if threads:
+            cfg["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = core.compile_model(model, device, cfg)
+        self.request = self.compiled.create_infer_request()
+        self.name = f"openvino {ov.__version__}"
+        self.device = device
+        self.inference_precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        res = self.request.infer({0: x})
+        y = next(iter(res.values()))
+        return _softmax_if_logits(np.asarray(y))
+
+
+RUNNERS: dict[str, type] = {"tflite": TFLiteRunner, "onnx": ONNXRunner, "openvino": OpenVINORunner}
+
+
+def load_runner(art: Artifact, threads: int | None = None, **options: Any) -> Runner:
+    """A runner for an artifact, using the manifest's runtime options unless overridden."""
+    if art.target not in RUNNERS:
+        raise RuntimeUnavailable(f"no edge runner for target {art.target!r} (have: {', '.join(RUNNERS)})")
+    opts = dict(art.manifest.get("runtime_options") or {})
+    opts.update({k: v for k, v in options.items() if v is not None})
+    return RUNNERS[art.target](art.model_file, threads=threads, **opts)  # type: ignore[no-any-return]

@@ -1,0 +1,220 @@
+"""``edgebrain train``: the library API behind the command."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import data as D
+from .errors import DataError
+from .io import atomic_dir, atomic_write_json, environment_facts
+from .metrics import classification_metrics
+from .modelcard import ModelCard
+from .preprocess import PreprocessSpec, default_for_variant
+
+MODEL_FILE = "model.keras"
+
+
+@dataclass
+class TrainConfig:
+    variant: str
+    data_dir: str
+    out: str
+    input_size: int | None = None
+    width: float = 1.0
+    weights: str = "none"
+    preprocess: str | None = None  # default: per variant (seed: rescale)
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"  # cosine | plateau | constant
+    patience: int = 8
+    class_weights: bool = False
+    seed: int = 42
+    val_fraction: float = 0.10
+    calib_fraction: float = 0.05
+    per_class: int | None = None  # train on a stratified subset (tests, quick runs)
+    eval_per_class: int | None = None  # evaluate on a stratified subset of Testing
+    brightness: tuple[float, float] = (0.8, 1.2)
+    flip: bool = False
+    rotate: float = 0.0  # fraction of a full turn, e.g. 0.05
+    shift: float = 0.0
+    zoom: float = 0.0
+    dropout: float = 0.5
+    overwrite: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _augmenter(cfg: TrainConfig) -> Any:
+    from .tfenv import import_tf, keras
+
+    tf = import_tf()
+    L = keras().layers
+    layers: list[Any] = []
+    if cfg.flip:
+        layers.append(L.RandomFlip("horizontal", seed=cfg.seed))
+    if cfg.rotate:
+        layers.append(L.RandomRotation(cfg.rotate, fill_mode="constant", seed=cfg.seed))
+    if cfg.shift:
+        layers.append(L.RandomTranslation(cfg.shift, cfg.shift, fill_mode="constant", seed=cfg.seed))
+    if cfg.zoom:
+        layers.append(L.RandomZoom(cfg.zoom, fill_mode="constant", seed=cfg.seed))
+    geo = keras().Sequential(layers) if layers else None
+    lo, hi = cfg.brightness
+
+    def aug(x: Any) -> Any:
+        x = tf.cast(x, tf.float32)
+        if geo is not None:
+            x = geo(x, training=True)
+        if (lo, hi) != (1.0, 1.0):
+            # The seed's brightness enhancement: I_b = I * alpha, alpha ~ U[0.8, 1.2]
+            alpha = tf.random.uniform([tf.shape(x)[0], 1, 1, 1], lo, hi)
+            x = tf.clip_by_value(x * alpha, 0.0, 255.0)
+        return x
+
+    return aug
+
+
+def make_dataset(x: np.ndarray, y: np.ndarray, spec: PreprocessSpec, batch: int, num_classes: int,
+                 shuffle: bool, seed: int, augment: Any = None) -> Any:
+    from .tfenv import import_tf
+
+    tf = import_tf()
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch)
+
+    def prep(xb: Any, yb: Any) -> Any:
+        xb = tf.cast(xb, tf.float32)
+        if augment is not None:
+            xb = augment(xb)
+        return spec.apply(xb), tf.one_hot(yb, num_classes)
+
+    return ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def predict_probs(model: Any, x: np.ndarray, spec: PreprocessSpec, batch: int = 64) -> np.ndarray:
+    out = []
+    for i in range(0, len(x), batch):
+        out.append(model(spec.apply(x[i : i + batch]), training=False).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def evaluate_model(model: Any, ds: D.Dataset, spec: PreprocessSpec, eval_per_class: int | None = None,
+                   seed: int = 0) -> dict[str, Any]:
+    """Testing metrics on the full split and on the deduplicated list."""
+    test = ds.split("Testing")
+    dd = {s.rel for s in D.dedup_eval(ds)}
+    if eval_per_class:
+        test = D.subset(test, eval_per_class, seed)
+    arr = D.load_arrays(test, spec.size, desc="Testing")
+    probs = predict_probs(model, arr.x, spec)
+    full = classification_metrics(arr.y, probs, ds.class_names)
+    mask = np.array([s.rel in dd for s in arr.samples], bool)
+    dedup = classification_metrics(arr.y[mask], probs[mask], ds.class_names) if mask.any() else None
+    return {
+        "testing": full,
+        "testing_dedup": dedup,
+        "eval_subset_per_class": eval_per_class,
+        "failed_files": [{"path": p, "problem": r} for p, r in arr.failed],
+    }
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train a variant on the Training split; write model, card, history and Testing metrics."""
+    from .models.variants import VARIANTS, build_model, count_params
+    from .tfenv import import_tf, keras, set_seed
+
+    if cfg.variant not in VARIANTS:
+        raise DataError(f"unknown variant {cfg.variant!r}; choose from {', '.join(VARIANTS)}")
+    tf = import_tf()
+    K = keras()
+    set_seed(cfg.seed)
+    info = VARIANTS[cfg.variant]
+    size = cfg.input_size or info.default_size
+    spec = PreprocessSpec.named(cfg.preprocess or default_for_variant(cfg.variant), size)
+
+    ds = D.scan(cfg.data_dir)
+    splits = D.splits_for(ds, cfg.seed, {"val": cfg.val_fraction, "calib": cfg.calib_fraction})
+    train_s, val_s = splits["train"], splits["val"]
+    if cfg.per_class:
+        train_s = D.subset(train_s, cfg.per_class, cfg.seed)
+        val_s = D.subset(val_s, max(4, cfg.per_class // 4), cfg.seed)
+    tr = D.load_arrays(train_s, spec.size, desc="train")
+    va = D.load_arrays(val_s, spec.size, desc="val")
+    if len(tr.x) == 0:
+        raise DataError("no training images could be read")
+    failed = tr.failed + va.failed
+    for p, r in failed:
+        print(f"warning: skipped {p}: {r}", file=sys.stderr)
+
+    model = build_model(cfg.variant, size, len(ds.class_names), cfg.width, cfg.weights, dropout=cfg.dropout)
+    steps = int(np.ceil(len(tr.x) / cfg.batch_size))
+    if cfg.lr_schedule == "cosine":
+        lr: Any = K.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=max(1, steps * cfg.epochs), alpha=0.01)
+    else:
+        lr = cfg.lr
+    model.compile(optimizer=K.optimizers.Adam(lr), loss="categorical_crossentropy", metrics=["accuracy"])
+
+    cw = None
+    if cfg.class_weights:
+        from sklearn.utils.class_weight import compute_class_weight
+
+        w = compute_class_weight("balanced", classes=np.arange(len(ds.class_names)), y=tr.y)
+        cw = {i: float(v) for i, v in enumerate(w)}
+    callbacks: list[Any] = [
+        K.callbacks.EarlyStopping(monitor="val_accuracy", patience=cfg.patience, restore_best_weights=True,
+                                  mode="max"),
+    ]
+    if cfg.lr_schedule == "plateau":
+        callbacks.append(K.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=3))
+    aug = _augmenter(cfg)
+    train_ds = make_dataset(tr.x, tr.y, spec, cfg.batch_size, len(ds.class_names), True, cfg.seed, aug)
+    val_ds = make_dataset(va.x, va.y, spec, cfg.batch_size, len(ds.class_names), False, cfg.seed)
+    t0 = time.time()
+    hist = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, class_weight=cw, callbacks=callbacks,
+                     verbose=1 if sys.stdout.isatty() else 2)
+    train_s_elapsed = time.time() - t0
+
+    metrics = evaluate_model(model, ds, spec, cfg.eval_per_class, cfg.seed)
+    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    card = ModelCard(
+        variant=cfg.variant,
+        class_names=ds.class_names,
+        preprocess=spec,
+        input_shape=[int(d) for d in model.input_shape[1:]],
+        data={
+            "root": str(Path(cfg.data_dir).resolve()),
+            "manifest_hash": ds.manifest_hash,
+            "split_seed": cfg.seed,
+            "fractions": {"val": cfg.val_fraction, "calib": cfg.calib_fraction},
+            "counts": {k: D.class_counts(v, ds.class_names) for k, v in
+                       {"train": train_s, "val": val_s, "calib": splits["calib"], "test": splits["test"]}.items()},
+            "per_class_subset": cfg.per_class,
+            "skipped_files": [{"path": p, "problem": r} for p, r in failed],
+        },
+        training={**{k: v for k, v in asdict(cfg).items() if k not in ("out", "data_dir")},
+                  "epochs_run": len(history.get("loss", [])), "seconds": round(train_s_elapsed, 1),
+                  "params": count_params(model), "tf_version": tf.__version__},
+        metrics={
+            "testing_accuracy": metrics["testing"]["accuracy"],
+            "testing_macro_f1": metrics["testing"]["macro_f1"],
+            "testing_dedup_accuracy": (metrics["testing_dedup"] or {}).get("accuracy"),
+            "testing_dedup_n": (metrics["testing_dedup"] or {}).get("n"),
+            "val_accuracy_best": max(history.get("val_accuracy", [float("nan")])),
+        },
+        versions=environment_facts(),
+        extra={"command": " ".join(sys.argv)},
+    )
+    with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
+        model.save(tmp / MODEL_FILE)
+        card.save(tmp)
+        atomic_write_json(tmp / "history.json", history)
+        atomic_write_json(tmp / "metrics.json", metrics)
+    return {"out": cfg.out, "card": card.to_dict(), "metrics": metrics}
