@@ -63,8 +63,21 @@ def _load_dicom(path: Path) -> np.ndarray:
         arr = ds.pixel_array
     except Exception as exc:
         raise ImageLoadError(path, f"unreadable DICOM ({type(exc).__name__}: {exc})") from exc
-    if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
+    spp = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1 and arr.ndim == (4 if spp > 1 else 3):
         arr = arr[arr.shape[0] // 2]  # multi-frame: the middle frame
+    if spp > 1:
+        # Colour (RGB, or YBR which pydicom 3 converts to RGB): no modality/VOI windowing.
+        photometric = str(getattr(ds, "PhotometricInterpretation", "")).upper()
+        if photometric.startswith("YBR") and int(pydicom.__version__.split(".")[0]) < 3:
+            from pydicom.pixel_data_handlers.util import convert_color_space
+
+            arr = convert_color_space(arr, photometric, "RGB")
+        rgb = arr[..., :3]
+        return rgb if rgb.dtype == np.uint8 else _to_uint8(rgb)
+    if arr.ndim != 2:
+        raise ImageLoadError(path, f"unsupported DICOM pixel data shape {arr.shape}")
     arr = arr.astype(np.float32)
     slope = float(getattr(ds, "RescaleSlope", 1) or 1)
     intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
@@ -75,12 +88,13 @@ def _load_dicom(path: Path) -> np.ndarray:
         wc, ww = _first(wc), _first(ww)
         if ww > 0:
             lo, hi = wc - ww / 2.0, wc + ww / 2.0
-    out = _to_uint8(arr, lo, hi)
+    try:
+        out = _to_uint8(arr, lo, hi)
+    except ValueError as exc:
+        raise ImageLoadError(path, str(exc)) from exc
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         out = 255 - out
-    if out.ndim == 2:
-        out = np.stack([out] * 3, axis=-1)
-    return out[..., :3]
+    return np.stack([out] * 3, axis=-1)
 
 
 def load_rgb(path: PathLike) -> np.ndarray:
@@ -107,9 +121,11 @@ def load_rgb(path: PathLike) -> np.ndarray:
 
 
 def pil_to_rgb(im: Image.Image) -> np.ndarray:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    """Any Pillow image -> uint8 RGB. 16-bit and float greyscale are min-max scaled to 0..255;
+    alpha is dropped; palette, bilevel and CMYK images are converted."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         return np.stack([_to_uint8(np.asarray(im))] * 3, axis=-1)
-    if im.mode in ("RGBA", "LA", "P", "PA"):
+    if im.mode in ("RGBA", "LA", "P", "PA", "RGBa", "La"):
         im = im.convert("RGBA").convert("RGB")
     elif im.mode != "RGB":
         im = im.convert("L").convert("RGB") if im.mode != "L" else im.convert("RGB")
@@ -121,24 +137,79 @@ def resize_rgb(rgb: np.ndarray, size: tuple[int, int], method: str = "bilinear")
     h, w = size
     if rgb.shape[0] == h and rgb.shape[1] == w:
         return rgb
-    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
-                "area": Image.BOX}[method]
-    return np.asarray(Image.fromarray(rgb).resize((w, h), resample), dtype=np.uint8)
+    return np.asarray(Image.fromarray(rgb).resize((w, h), _RESAMPLE[method]), dtype=np.uint8)
+
+
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
+             "area": Image.BOX}
 
 
 def load_for_model(path: PathLike, size: tuple[int, int], method: str = "bilinear") -> np.ndarray:
-    return resize_rgb(load_rgb(path), size, method)
+    """Decode and resize to ``size`` (height, width): uint8 RGB (see :func:`load_resized`)."""
+    return load_resized(path, size, method)[0]
+
+
+def load_resized(path: PathLike, size: tuple[int, int], method: str = "bilinear"
+                 ) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode and resize to ``size`` (height, width) -> (uint8 RGB, original (height, width)).
+
+    Pixel-for-pixel the same as ``resize_rgb(load_rgb(path), size, method)``; 8-bit greyscale
+    and RGB files take a faster path (resized by Pillow before any copy into NumPy, greyscale
+    resized as one channel).
+    """
+    p = Path(path)
+    if p.suffix.lower() in _FAST_SUFFIXES:
+        try:
+            with Image.open(p) as im:
+                if im.mode in ("L", "RGB"):
+                    im.load()
+                    orig = (int(im.size[1]), int(im.size[0]))
+                    h, w = size
+                    if im.size != (w, h):
+                        im = im.resize((w, h), _RESAMPLE[method])
+                    if im.mode == "L":
+                        g = np.asarray(im, dtype=np.uint8)
+                        return np.repeat(g[..., None], 3, axis=-1), orig
+                    return np.asarray(im, dtype=np.uint8), orig
+        except Exception:
+            pass  # the general path below reports the problem by name
+    rgb = load_rgb(p)
+    return resize_rgb(rgb, size, method), (int(rgb.shape[0]), int(rgb.shape[1]))
+
+
+_FAST_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
 
 def as_rgb_array(x: Any) -> np.ndarray:
-    """Accept an in-memory array (H, W), (H, W, 1|3|4) of any dtype -> uint8 RGB."""
+    """An in-memory image -> uint8 RGB (H, W, 3).
+
+    Accepts a Pillow image or an array (H, W) / (H, W, 1|3|4) of any dtype: uint8 is taken as
+    is; integers within 0..255 are cast; floats within [0, 1] are scaled by 255 and floats
+    within [0, 255] rounded; anything else (16-bit, negative, other float ranges) is min-max
+    scaled to 0..255. Alpha is dropped.
+    """
+    if isinstance(x, Image.Image):
+        return pil_to_rgb(x)
     arr = np.asarray(x)
     if arr.ndim == 2:
         arr = arr[..., None]
-    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected an image array (H, W[, C]); got shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        arr = _to_uint8(arr) if arr.dtype.kind == "f" or arr.max() > 255 else arr.astype(np.uint8)
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4) or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"expected an image array (H, W[, C]) with C in 1, 3, 4; got shape {arr.shape}")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype != np.uint8:
+        if arr.dtype.kind not in "iuf":
+            raise ValueError(f"unsupported image array dtype {arr.dtype}")
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            arr = _to_uint8(arr)
+        else:
+            lo, hi = float(arr.min()), float(arr.max())
+            if arr.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
+                arr = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+            elif lo >= 0.0 and hi <= 255.0:
+                arr = np.rint(arr).astype(np.uint8) if arr.dtype.kind == "f" else arr.astype(np.uint8)
+            else:
+                arr = _to_uint8(arr)
     if arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)
-    return arr[..., :3]
+    return np.ascontiguousarray(arr[..., :3])

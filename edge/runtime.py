@@ -43,9 +43,9 @@ def _softmax_if_logits(y: np.ndarray) -> np.ndarray:
 
 def tflite_interpreter_class() -> tuple[Any, str]:
     try:
-        from ai_edge_litert.interpreter import Interpreter
-
         from importlib.metadata import version
+
+        from ai_edge_litert.interpreter import Interpreter
 
         return Interpreter, f"ai-edge-litert {version('ai-edge-litert')}"
     except ImportError:
@@ -68,9 +68,19 @@ def tflite_interpreter_class() -> tuple[Any, str]:
 class TFLiteRunner:
     device = "CPU"
 
-    def __init__(self, model_file: Path, threads: int | None = None, **_: Any) -> None:
+    def __init__(self, model_file: Path, threads: int | None = None, delegate: str | None = None,
+                 **_: Any) -> None:
         Interpreter, self.name = tflite_interpreter_class()
-        self.interp = Interpreter(model_path=str(model_file), num_threads=threads or os.cpu_count())
+        delegates = None
+        if delegate:  # an external delegate library, e.g. libedgetpu.so.1
+            try:
+                mod = sys.modules[Interpreter.__module__]
+                delegates = [mod.load_delegate(delegate)]
+            except (ValueError, OSError, AttributeError) as exc:
+                raise RuntimeUnavailable(f"TFLite delegate {delegate!r} could not be loaded: {exc}") from exc
+            self.device = f"delegate:{delegate}"
+        self.interp = Interpreter(model_path=str(model_file), num_threads=threads or os.cpu_count(),
+                                  experimental_delegates=delegates)
         self.interp.allocate_tensors()
         self.inp = self.interp.get_input_details()[0]
         self.out = self.interp.get_output_details()[0]
@@ -155,11 +165,26 @@ class OpenVINORunner:
 
 RUNNERS: dict[str, type] = {"tflite": TFLiteRunner, "onnx": ONNXRunner, "openvino": OpenVINORunner}
 
+# Interpreters that can run each target, best first. OpenVINO reads ONNX files directly, so an
+# ONNX artifact still runs on a device that has only openvino installed.
+FALLBACKS: dict[str, tuple[str, ...]] = {"tflite": ("tflite",), "onnx": ("onnx", "openvino"),
+                                         "openvino": ("openvino",)}
+
 
 def load_runner(art: Artifact, threads: int | None = None, **options: Any) -> Runner:
-    """A runner for an artifact, using the manifest's runtime options unless overridden."""
+    """A runner for an artifact, using the manifest's runtime options unless overridden.
+
+    The first interpreter installed for the artifact's target is used (``FALLBACKS``); the
+    runner's ``name`` says which one ran.
+    """
     if art.target not in RUNNERS:
         raise RuntimeUnavailable(f"no edge runner for target {art.target!r} (have: {', '.join(RUNNERS)})")
     opts = dict(art.manifest.get("runtime_options") or {})
     opts.update({k: v for k, v in options.items() if v is not None})
-    return RUNNERS[art.target](art.model_file, threads=threads, **opts)  # type: ignore[no-any-return]
+    missing: list[str] = []
+    for kind in FALLBACKS.get(art.target, (art.target,)):
+        try:
+            return RUNNERS[kind](art.model_file, threads=threads, **opts)  # type: ignore[no-any-return]
+        except RuntimeUnavailable as exc:
+            missing.append(str(exc))
+    raise RuntimeUnavailable(f"cannot run {art.model_file.name} ({art.target}): " + "; ".join(missing))

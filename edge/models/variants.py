@@ -61,6 +61,11 @@ VARIANTS: dict[str, VariantInfo] = {
     "sr-resnet50": VariantInfo("sr-resnet50", "resnet50", "SR paper", 224, True, "x2 ESPCN-style SR front end -> resnet50 classifier"),
 }
 
+# Our own backbones train from scratch on a few thousand images: Keras' default BN momentum (0.99)
+# leaves the moving statistics far from the batch statistics after a few hundred steps, which
+# wrecks inference-mode accuracy. 0.9 tracks them within ~50 steps.
+BN_MOMENTUM = 0.9
+
 WEIGHT_FILES = {
     # keras.applications' own file names and addresses (cached in ~/.keras/models)
     ("resnet50", False): "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
@@ -98,8 +103,10 @@ def _check_imagenet_available(family: str, include_top: bool, timeout: float = 1
 def _resnet50_backbone(inp: Any, width: float, weights: str | None, pooling: str | None) -> Any:
     K = keras()
     if width == 1.0:
-        base = K.applications.ResNet50(include_top=False, weights=weights, input_tensor=inp, pooling=pooling)
-        return base.output, base
+        # Nested Functional backbone, as in the paper's figures ("resnet50 (Functional)").
+        base = K.applications.ResNet50(include_top=False, weights=weights, input_shape=tuple(inp.shape[1:]),
+                                       pooling=pooling)
+        return base(inp), base
     if weights:
         raise ModelError("ImageNet weights exist only for width 1.0")
     L = K.layers
@@ -107,24 +114,24 @@ def _resnet50_backbone(inp: Any, width: float, weights: str | None, pooling: str
     def block(x: Any, filters: int, stride: int, conv_shortcut: bool, name: str) -> Any:
         if conv_shortcut:
             sc = L.Conv2D(4 * filters, 1, strides=stride, name=name + "_0_conv")(x)
-            sc = L.BatchNormalization(epsilon=1.001e-5, name=name + "_0_bn")(sc)
+            sc = L.BatchNormalization(epsilon=1.001e-5, momentum=BN_MOMENTUM, name=name + "_0_bn")(sc)
         else:
             sc = x
         x = L.Conv2D(filters, 1, strides=stride, name=name + "_1_conv")(x)
-        x = L.BatchNormalization(epsilon=1.001e-5, name=name + "_1_bn")(x)
+        x = L.BatchNormalization(epsilon=1.001e-5, momentum=BN_MOMENTUM, name=name + "_1_bn")(x)
         x = L.Activation("relu", name=name + "_1_relu")(x)
         x = L.Conv2D(filters, 3, padding="same", name=name + "_2_conv")(x)
-        x = L.BatchNormalization(epsilon=1.001e-5, name=name + "_2_bn")(x)
+        x = L.BatchNormalization(epsilon=1.001e-5, momentum=BN_MOMENTUM, name=name + "_2_bn")(x)
         x = L.Activation("relu", name=name + "_2_relu")(x)
         x = L.Conv2D(4 * filters, 1, name=name + "_3_conv")(x)
-        x = L.BatchNormalization(epsilon=1.001e-5, name=name + "_3_bn")(x)
+        x = L.BatchNormalization(epsilon=1.001e-5, momentum=BN_MOMENTUM, name=name + "_3_bn")(x)
         x = L.Add(name=name + "_add")([sc, x])
         return L.Activation("relu", name=name + "_out")(x)
 
     c = lambda f: max(8, int(f * width))  # noqa: E731
     x = L.ZeroPadding2D(3, name="conv1_pad")(inp)
     x = L.Conv2D(c(64), 7, strides=2, name="conv1_conv")(x)
-    x = L.BatchNormalization(epsilon=1.001e-5, name="conv1_bn")(x)
+    x = L.BatchNormalization(epsilon=1.001e-5, momentum=BN_MOMENTUM, name="conv1_bn")(x)
     x = L.Activation("relu", name="conv1_relu")(x)
     x = L.ZeroPadding2D(1, name="pool1_pad")(x)
     x = L.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
@@ -140,9 +147,9 @@ def _xception_backbone(inp: Any, width: float, weights: str | None, pooling: str
                        include_top: bool = False, middle_blocks: int = 8) -> Any:
     K = keras()
     if width == 1.0 and middle_blocks == 8:
-        base = K.applications.Xception(include_top=include_top, weights=weights, input_tensor=inp,
-                                       pooling=None if include_top else pooling)
-        return base.output, base
+        base = K.applications.Xception(include_top=include_top, weights=weights,
+                                       input_shape=tuple(inp.shape[1:]), pooling=None if include_top else pooling)
+        return base(inp), base
     if weights:
         raise ModelError("ImageNet weights exist only for the full Xception (width 1.0)")
     return _separable_net(inp, width, middle_blocks, include_top, pooling, prefix="xc"), None
@@ -154,21 +161,21 @@ def _separable_net(inp: Any, width: float, middle_blocks: int, include_top: bool
     L = keras().layers
     c = lambda f: max(8, int(f * width))  # noqa: E731
     x = L.Conv2D(c(32), 3, strides=2, use_bias=False, name=f"{prefix}_b1_conv1")(inp)
-    x = L.BatchNormalization(name=f"{prefix}_b1_bn1")(x)
+    x = L.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_b1_bn1")(x)
     x = L.Activation("relu", name=f"{prefix}_b1_relu1")(x)
     x = L.Conv2D(c(64), 3, padding="same", use_bias=False, name=f"{prefix}_b1_conv2")(x)
-    x = L.BatchNormalization(name=f"{prefix}_b1_bn2")(x)
+    x = L.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_b1_bn2")(x)
     x = L.Activation("relu", name=f"{prefix}_b1_relu2")(x)
     for i, f in enumerate([128, 256, 728], start=2):
         sc = L.Conv2D(c(f), 1, strides=2, padding="same", use_bias=False, name=f"{prefix}_b{i}_sc")(x)
-        sc = L.BatchNormalization(name=f"{prefix}_b{i}_scbn")(sc)
+        sc = L.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_b{i}_scbn")(sc)
         if i > 2:
             x = L.Activation("relu", name=f"{prefix}_b{i}_pre")(x)
         x = L.SeparableConv2D(c(f), 3, padding="same", use_bias=False, name=f"{prefix}_b{i}_sep1")(x)
-        x = L.BatchNormalization(name=f"{prefix}_b{i}_bn1")(x)
+        x = L.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_b{i}_bn1")(x)
         x = L.Activation("relu", name=f"{prefix}_b{i}_relu")(x)
         x = L.SeparableConv2D(c(f), 3, padding="same", use_bias=False, name=f"{prefix}_b{i}_sep2")(x)
-        x = L.BatchNormalization(name=f"{prefix}_b{i}_bn2")(x)
+        x = L.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_b{i}_bn2")(x)
         x = L.MaxPooling2D(3, strides=2, padding="same", name=f"{prefix}_b{i}_pool")(x)
         x = L.Add(name=f"{prefix}_b{i}_add")([x, sc])
     for m in range(middle_blocks):
@@ -176,23 +183,23 @@ def _separable_net(inp: Any, width: float, middle_blocks: int, include_top: bool
         for k in range(3):
             x = L.Activation("relu", name=f"{prefix}_m{m}_relu{k}")(x)
             x = L.SeparableConv2D(c(728), 3, padding="same", use_bias=False, name=f"{prefix}_m{m}_sep{k}")(x)
-            x = L.BatchNormalization(name=f"{prefix}_m{m}_bn{k}")(x)
+            x = L.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_m{m}_bn{k}")(x)
         x = L.Add(name=f"{prefix}_m{m}_add")([x, sc])
     sc = L.Conv2D(c(1024), 1, strides=2, padding="same", use_bias=False, name=f"{prefix}_x_sc")(x)
-    sc = L.BatchNormalization(name=f"{prefix}_x_scbn")(sc)
+    sc = L.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_x_scbn")(sc)
     x = L.Activation("relu", name=f"{prefix}_x_pre")(x)
     x = L.SeparableConv2D(c(728), 3, padding="same", use_bias=False, name=f"{prefix}_x_sep1")(x)
-    x = L.BatchNormalization(name=f"{prefix}_x_bn1")(x)
+    x = L.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_x_bn1")(x)
     x = L.Activation("relu", name=f"{prefix}_x_relu1")(x)
     x = L.SeparableConv2D(c(1024), 3, padding="same", use_bias=False, name=f"{prefix}_x_sep2")(x)
-    x = L.BatchNormalization(name=f"{prefix}_x_bn2")(x)
+    x = L.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_x_bn2")(x)
     x = L.MaxPooling2D(3, strides=2, padding="same", name=f"{prefix}_x_pool")(x)
     x = L.Add(name=f"{prefix}_x_add")([x, sc])
     x = L.SeparableConv2D(c(1536), 3, padding="same", use_bias=False, name=f"{prefix}_x_sep3")(x)
-    x = L.BatchNormalization(name=f"{prefix}_x_bn3")(x)
+    x = L.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_x_bn3")(x)
     x = L.Activation("relu", name=f"{prefix}_x_relu3")(x)
     x = L.SeparableConv2D(c(2048), 3, padding="same", use_bias=False, name=f"{prefix}_x_sep4")(x)
-    x = L.BatchNormalization(name=f"{prefix}_x_bn4")(x)
+    x = L.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_x_bn4")(x)
     x = L.Activation("relu", name=f"{prefix}_x_relu4")(x)
     x = L.GlobalAveragePooling2D(name=f"{prefix}_avg_pool")(x) if (pooling == "avg" or include_top) else x
     if include_top:
@@ -207,7 +214,7 @@ def _lite_resnet_backbone(inp: Any, width: float) -> Any:
     L = keras().layers
     c = lambda f: max(8, int(f * width))  # noqa: E731
     x = L.Conv2D(c(32), 3, strides=2, padding="same", use_bias=False, name="lite_stem_conv")(inp)
-    x = L.BatchNormalization(name="lite_stem_bn")(x)
+    x = L.BatchNormalization(momentum=BN_MOMENTUM, name="lite_stem_bn")(x)
     x = L.Activation("relu", name="lite_stem_relu")(x)
     for si, (filters, blocks) in enumerate([(64, 3), (128, 4), (256, 6), (512, 3)]):
         for b in range(blocks):
@@ -215,14 +222,14 @@ def _lite_resnet_backbone(inp: Any, width: float) -> Any:
             name = f"lite_s{si + 1}_b{b + 1}"
             if b == 0:
                 sc = L.Conv2D(c(filters), 1, strides=stride, use_bias=False, name=name + "_proj")(x)
-                sc = L.BatchNormalization(name=name + "_proj_bn")(sc)
+                sc = L.BatchNormalization(momentum=BN_MOMENTUM, name=name + "_proj_bn")(sc)
             else:
                 sc = x
             y = L.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False, name=name + "_dw")(x)
-            y = L.BatchNormalization(name=name + "_dw_bn")(y)
+            y = L.BatchNormalization(momentum=BN_MOMENTUM, name=name + "_dw_bn")(y)
             y = L.Activation("relu", name=name + "_dw_relu")(y)
             y = L.Conv2D(c(filters), 1, use_bias=False, name=name + "_pw")(y)
-            y = L.BatchNormalization(name=name + "_pw_bn")(y)
+            y = L.BatchNormalization(momentum=BN_MOMENTUM, name=name + "_pw_bn")(y)
             x = L.Add(name=name + "_add")([y, sc])
             x = L.Activation("relu", name=name + "_out")(x)
     return x
@@ -266,17 +273,26 @@ def depth_to_space_cls() -> type:
     return _D2S
 
 
-def build_sr(lr_size: int, scale: int = 2, width: float = 1.0, name: str = "sr") -> Any:
-    """ESPCN/FSRCNN-style x``scale`` SR net, residual over bilinear upsampling.
+def build_sr(lr_size: int | None, scale: int = 2, width: float = 1.0, name: str = "sr") -> Any:
+    """ESPCN/FSRCNN-style x``scale`` SR net (scale 2, 3 or 4), residual over bilinear upsampling.
+
+    Feature extraction (5x5), non-linear mapping (3x3), then one sub-pixel convolution to
+    ``3 * scale**2`` channels and a depth-to-space shuffle. ``lr_size=None`` builds a fully
+    convolutional net (any input size: training on patches); the weights of a net built at
+    one size load into a net built at another. The last convolution starts near zero, so an
+    untrained net is bilinear upsampling.
 
     Works in the classifier's preprocessed space (input and output share the spec)."""
+    if int(scale) not in (2, 3, 4):
+        raise ModelError(f"SR scale must be 2, 3 or 4, got {scale}")
     K = keras()
     L = K.layers
     c = lambda f: max(4, int(f * width))  # noqa: E731
     inp = K.Input((lr_size, lr_size, 3), name=f"{name}_input")
     x = L.Conv2D(c(64), 5, padding="same", activation="relu", name=f"{name}_feat")(inp)
     x = L.Conv2D(c(32), 3, padding="same", activation="relu", name=f"{name}_map")(x)
-    x = L.Conv2D(3 * scale * scale, 3, padding="same", name=f"{name}_subpix")(x)
+    x = L.Conv2D(3 * scale * scale, 3, padding="same", name=f"{name}_subpix",
+                 kernel_initializer=K.initializers.RandomNormal(stddev=1e-3, seed=0))(x)
     x = depth_to_space_cls()(scale, name=f"{name}_shuffle")(x)
     up = L.UpSampling2D(scale, interpolation="bilinear", name=f"{name}_up")(inp)
     out = L.Add(name=f"{name}_out")([up, x])
@@ -382,13 +398,13 @@ def build_model(
     elif variant == "resnet50-ft":
         x = L.Flatten(name="head_flatten")(feats)
         x = L.Dense(128, activation="relu", kernel_regularizer=reg, name="head_dense")(x)
-        x = L.BatchNormalization(name="head_bn")(x)
+        x = L.BatchNormalization(momentum=BN_MOMENTUM, name="head_bn")(x)
         x = L.Dropout(dropout, name="head_dropout")(x)
     elif variant == "xception-ft":
         x = L.Flatten(name="head_flatten")(feats)
         x = L.Dropout(dropout, name="head_dropout1")(x)
         x = L.Dense(128, activation="relu", kernel_regularizer=reg, name="head_dense")(x)
-        x = L.BatchNormalization(name="head_bn")(x)
+        x = L.BatchNormalization(momentum=BN_MOMENTUM, name="head_bn")(x)
         x = L.Dropout(dropout, name="head_dropout2")(x)
     else:  # resnet50, xception, xception-lite: figs 4, 7, 8
         if len(feats.shape) == 4:
