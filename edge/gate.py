@@ -10,6 +10,8 @@ artifact x device in it, checks against the FP32 reference of the same run:
 * ``class_recall``     every class's recall drop <= ``max_class_drop`` (a missed glioma matters
                        more than an average);
 * ``agreement``        top-1 agreement with the reference >= ``min_agreement``;
+* ``min_accuracy``     optional absolute floor (``--min-accuracy``): also catches a reference that
+                       is itself broken, which relative checks cannot;
 * ``non_inferiority``  optional: the lower 95 % bound of the artifact's bootstrap accuracy CI is
                        within ``ni_margin`` of the reference accuracy (``ci``), or McNemar's test
                        does not find the artifact significantly worse (``mcnemar``);
@@ -50,8 +52,8 @@ BASELINE_KIND = "edgebrain-gate-baseline"
 BASELINE_VERSION = 1
 
 PASS, FAIL, ERROR, SKIP = "pass", "fail", "error", "skip"
-CHECKS = ("integrity", "accuracy", "class_recall", "agreement", "non_inferiority", "baseline_accuracy",
-          "latency")
+CHECKS = ("integrity", "accuracy", "class_recall", "agreement", "min_accuracy", "non_inferiority",
+          "baseline_accuracy", "latency")
 NI_METHODS = ("off", "ci", "mcnemar")
 # What identifies "the same device" in a baseline: not the hostname (CI runners change names).
 DEVICE_ESSENTIALS = ("arch", "cpu", "cores")
@@ -72,6 +74,7 @@ class Thresholds:
     non_inferiority: str = "off"  # off | ci | mcnemar
     ni_margin: float = 2.0  # pp, for non_inferiority="ci"
     alpha: float = 0.05  # for non_inferiority="mcnemar"
+    min_accuracy: float | None = None  # absolute floor (fraction), off by default
 
     def validate(self) -> None:
         for name in ("max_drop", "max_class_drop", "ni_margin"):
@@ -86,6 +89,8 @@ class Thresholds:
             raise GateError(f"non-inferiority must be one of {', '.join(NI_METHODS)} (got {self.non_inferiority!r})")
         if not _finite(self.alpha) or not 0.0 < self.alpha < 1.0:
             raise GateError(f"alpha must be between 0 and 1 (got {self.alpha})")
+        if self.min_accuracy is not None and (not _finite(self.min_accuracy) or not 0.0 <= self.min_accuracy <= 1.0):
+            raise GateError(f"min-accuracy must be a fraction between 0 and 1 (got {self.min_accuracy})")
 
     def describe(self) -> list[tuple[str, str]]:
         ni = {
@@ -97,6 +102,7 @@ class Thresholds:
             ("max accuracy drop", f"{self.max_drop:g} pp"),
             ("max per-class recall drop", f"{self.max_class_drop:g} pp"),
             ("min top-1 agreement", f"{self.min_agreement:g}"),
+            ("min accuracy (absolute)", "off" if self.min_accuracy is None else f"{self.min_accuracy:g}"),
             ("non-inferiority", ni),
             ("max latency ratio (vs baseline)", f"{self.max_latency_ratio:g}"),
         ]
@@ -247,9 +253,12 @@ def signed(x: float) -> str:
 
 
 def _device_label(rec: dict[str, Any]) -> str:
+    """The device a record ran on: bench's label (e.g. "host", "pi@ward-3"), else its profile."""
     dev = rec.get("device")
-    if isinstance(dev, dict) and dev.get("profile"):
-        return str(dev["profile"])
+    if isinstance(dev, dict):
+        for k in ("label", "profile"):
+            if dev.get(k):
+                return str(dev[k])
     return "unknown-device"
 
 
@@ -257,6 +266,9 @@ def device_essentials(rec: dict[str, Any]) -> dict[str, Any]:
     dev = rec.get("device") if isinstance(rec.get("device"), dict) else {}
     fp = dev.get("fingerprint") if isinstance(dev.get("fingerprint"), dict) else {}
     return {"profile": dev.get("profile"), **{k: fp.get(k) for k in DEVICE_ESSENTIALS}}
+
+
+ESSENTIAL_KEYS = ("profile", *DEVICE_ESSENTIALS)
 
 
 def source_sha256(results: dict[str, Any]) -> str | None:
@@ -414,6 +426,16 @@ def _check_agreement(rec: dict[str, Any], n: int | None, what: str, th: Threshol
     return Check("agreement", PASS if ok else FAIL, msg, a, th.min_agreement)
 
 
+def _check_min_accuracy(rec: dict[str, Any], what: str, th: Thresholds) -> Check:
+    if th.min_accuracy is None:
+        return Check("min_accuracy", SKIP, "no absolute accuracy floor (--min-accuracy F)")
+    acc = _num(rec, "accuracy", what, 0.0, 1.0)
+    ok = acc >= th.min_accuracy
+    return Check("min_accuracy", PASS if ok else FAIL,
+                 f"accuracy {100 * acc:.2f}% {'>=' if ok else '<'} floor {100 * th.min_accuracy:.2f}%",
+                 acc, th.min_accuracy)
+
+
 def _check_non_inferiority(rec: dict[str, Any], ref: dict[str, Any], n: int | None, what: str,
                            th: Thresholds) -> Check:
     if th.non_inferiority == "off":
@@ -520,7 +542,7 @@ def build_baseline(results: dict[str, Any], report: GateReport, results_path: st
         raise MissingMetric("the results record no data.list_hash: cannot say which images a baseline belongs to")
     classes = list(data.get("class_names") or [])
     recs = {s.key: r for s, r in zip(report.subjects, results.get("results") or [])}
-    keys = [s.key for s in report.subjects]
+    keys = [s.key for s in report.subjects if s.key in recs]
     dups = sorted({k for k in keys if keys.count(k) > 1})
     if dups:
         raise MissingMetric(f"artifact x device appears more than once in the results: {', '.join(dups)}")
@@ -538,7 +560,7 @@ def build_baseline(results: dict[str, Any], report: GateReport, results_path: st
                       "recall": _recalls(ref, classes, "reference"),
                       "device": device_essentials(ref)},
         "thresholds_at_approval": asdict(report.thresholds),
-        "artifacts": [_baseline_entry(s, recs[s.key], classes) for s in report.subjects],
+        "artifacts": [_baseline_entry(s, recs[s.key], classes) for s in report.subjects if s.key in recs],
     }
 
 
@@ -586,7 +608,7 @@ def baseline_mismatches(baseline: dict[str, Any], results: dict[str, Any]) -> li
         if prof not in bdev:
             continue
         ess = device_essentials(rec)
-        diff = [f"{k} {bdev[prof].get(k)!r} vs {ess.get(k)!r}" for k in DEVICE_ESSENTIALS
+        diff = [f"{k} {bdev[prof].get(k)!r} vs {ess.get(k)!r}" for k in ESSENTIAL_KEYS
                 if bdev[prof].get(k) != ess.get(k)]
         msg = f"device {prof!r}: " + ", ".join(diff)
         if diff and msg not in out:
@@ -600,7 +622,7 @@ def baseline_mismatches(baseline: dict[str, Any], results: dict[str, Any]) -> li
 def gate(results_json: str | Path, baseline: str | Path | None = None, max_drop: float = 0.5,
          max_class_drop: float = 1.0, min_agreement: float = 0.99, max_latency_ratio: float = 1.5,
          non_inferiority: str = "off", ni_margin: float = 2.0, alpha: float = 0.05,
-         artifact_check: bool = True, artifact_root: str | Path | None = None,
+         min_accuracy: float | None = None, artifact_check: bool = True, artifact_root: str | Path | None = None,
          update_baseline: bool = False) -> GateReport:
     """Check every artifact x device in a bench ``results.json``; see the module docstring.
 
@@ -608,7 +630,8 @@ def gate(results_json: str | Path, baseline: str | Path | None = None, max_drop:
     other check passes, the baseline file is (re)written atomically. Raises :class:`GateError` on
     usage errors; everything about the data itself ends up in the report (never raised).
     """
-    th = Thresholds(max_drop, max_class_drop, min_agreement, max_latency_ratio, non_inferiority, ni_margin, alpha)
+    th = Thresholds(max_drop, max_class_drop, min_agreement, max_latency_ratio, non_inferiority, ni_margin, alpha,
+                    min_accuracy)
     th.validate()
     if update_baseline and baseline is None:
         raise GateError("--update-baseline needs --baseline FILE (where to write it)")
@@ -648,6 +671,8 @@ def gate(results_json: str | Path, baseline: str | Path | None = None, max_drop:
     if not isinstance(recs, list) or not recs:
         report.errors.append(f"{rpath}: lists no artifact results: nothing to gate (an empty run never passes)")
         recs = []
+    for w in results.get("warnings") or []:
+        report.notes.append(f"bench warning: {w}")
 
     base: dict[str, Any] | None = None
     if baseline is not None and not update_baseline:
@@ -679,11 +704,13 @@ def gate(results_json: str | Path, baseline: str | Path | None = None, max_drop:
         s.checks.append(_integrity(rec, what, rpath.parent, root, artifact_check, src_sha))
         if not ref or not classes:
             msg = "cannot compare: " + ("no reference record" if not ref else "no class names")
-            s.checks += [Check(c, ERROR, msg) for c in ("accuracy", "class_recall", "agreement")]
+            s.checks += [Check(c, ERROR, msg) for c in ("accuracy", "class_recall", "agreement", "min_accuracy",
+                                                        "non_inferiority")]
         else:
             s.checks.append(_guard("accuracy", _check_accuracy, rec, ref, what, th))
             s.checks.append(_guard("class_recall", _check_class_recall, rec, ref, classes, what, th))
             s.checks.append(_guard("agreement", _check_agreement, rec, int(n) if n else None, what, th))
+            s.checks.append(_guard("min_accuracy", _check_min_accuracy, rec, what, th))
             s.checks.append(_guard("non_inferiority", _check_non_inferiority, rec, ref,
                                    int(n) if n else None, what, th))
         if update_baseline:
@@ -698,6 +725,18 @@ def gate(results_json: str | Path, baseline: str | Path | None = None, max_drop:
                 s.checks += _check_baseline(rec, base_by_key.get(what), classes, what, th, bpath)
         report.subjects.append(s)
 
+    # Artifacts bench could not run (missing runtime, crash, timeout) have no numbers: never a pass.
+    run_errors = results.get("errors")
+    for e in run_errors if isinstance(run_errors, list) else []:
+        e = e if isinstance(e, dict) else {"error": str(e)}
+        name = str(e.get("name") or Path(str(e.get("artifact") or "?")).name)
+        s = Subject(name, str(e.get("device") or "unknown-device"), str(e.get("artifact") or ""), None, None)
+        s.checks.append(Check("bench", ERROR, f"bench could not run {name} on {s.device}: {e.get('error', '?')}"))
+        report.subjects.append(s)
+    for s, rec in zip(report.subjects, recs):
+        dev = rec.get("device") if isinstance(rec, dict) else None
+        for w in (dev.get("warnings") or []) if isinstance(dev, dict) else []:
+            report.notes.append(f"{s.key}: device warning: {w}")
     _resolution_notes(report, recs, ref, classes, th)
     if update_baseline:
         if report.status == PASS:

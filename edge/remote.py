@@ -144,6 +144,21 @@ def time_loop(fn: Callable[[], Any], min_runs: int, min_seconds: float) -> tuple
             return times, t1 - start
 
 
+_PRECISION_NAMES = {"float32": "f32", "f32": "f32", "bfloat16": "bf16", "bf16": "bf16", "float16": "f16",
+                    "f16": "f16", "i8": "i8", "int8": "i8", "u8": "u8"}
+
+
+def _precision_name(v: Any) -> str | None:
+    """OpenVINO's element type (e.g. "<Type: 'float32'>") -> "f32" / "bf16" / "f16"."""
+    if v is None:
+        return None
+    s = str(v)
+    for token in s.replace("'", " ").replace("<", " ").replace(">", " ").replace(":", " ").split():
+        if token.lower() in _PRECISION_NAMES:
+            return _PRECISION_NAMES[token.lower()]
+    return s
+
+
 def runtime_identity() -> dict[str, Any]:
     """Where this worker's edgebrain code came from, and whether TensorFlow got imported."""
     return {"edgebrain_origin": str(Path(__file__).resolve()) if "__file__" in globals() else None,
@@ -260,7 +275,7 @@ def measure(job: dict[str, Any], make_runner: Callable[[], Any], spec: Preproces
         "label": job.get("label"),
         "runtime": getattr(runner, "name", type(runner).__name__),
         "ran_on": getattr(runner, "device", "CPU"),
-        "execution_precision": getattr(runner, "inference_precision", None),
+        "execution_precision": _precision_name(getattr(runner, "inference_precision", None)),
         "n_classes": n_classes,
         "cold_start_ms": (t2 - t0) * 1e3,
         "load_ms": (t1 - t0) * 1e3,
@@ -286,6 +301,8 @@ def measure(job: dict[str, Any], make_runner: Callable[[], Any], spec: Preproces
 def _artifact_for_job(job: dict[str, Any], base: Path) -> Artifact:
     """Load the job's artifact, hash-checked here (on the device, after the copy)."""
     path = _resolve(base, job["artifact"])
+    if not path.exists():
+        raise IntegrityError(f"{path}: artifact not found on this device")
     if job.get("manifest") is None:
         art = load_manifest(path)  # refuses modified files
     else:  # a raw model file from elsewhere: the host computed the manifest, check the hashes
@@ -342,7 +359,7 @@ def worker_main(job_path: str, out_path: str,
 
 def run_jobs(jobdir: Path, job_files: Sequence[str], worker: Sequence[str] | None = None,
              timeout: float | None = None, env: dict[str, str] | None = None,
-             describe: Callable[[str], str] | None = None) -> list[dict[str, Any]]:
+             describe: Callable[[str, dict[str, Any]], str] | None = None) -> list[dict[str, Any]]:
     """Each job in a fresh subprocess (so RSS and cold start are its own). Never raises for one
     bad job: its answer says what went wrong."""
     worker = list(worker or [sys.executable, "-m", "edgebrain.remote", "measure"])
@@ -370,9 +387,10 @@ def run_jobs(jobdir: Path, job_files: Sequence[str], worker: Sequence[str] | Non
                                          "before writing a result"}
         res["job"] = jf
         res["worker_wall_s"] = wall
+        res.setdefault("label", jf)
         results.append(res)
         if describe:
-            print(describe(jf), file=sys.stderr)
+            print(describe(jf, res), file=sys.stderr, flush=True)
     return results
 
 
@@ -390,6 +408,14 @@ def safe_extract(tar_path: Path, dest: Path) -> None:
             tf.extractall(dest)  # noqa: S202
 
 
+def _describe(jf: str, res: dict[str, Any]) -> str:
+    what = res.get("label") or jf
+    if not res.get("ok"):
+        return f"[device] {what}: FAILED: {str(res.get('error'))[:300]}"
+    return (f"[device] {what}: p50 {res['latency_ms']['p50']:.2f} ms, {len(res.get('ids', []))} images, "
+            f"{res.get('worker_wall_s', 0):.1f} s")
+
+
 def run_bundle(bundle: str, workdir: str, out: str) -> int:
     """On the device: unpack the bundle and run every job, each in a fresh process."""
     wd = Path(workdir)
@@ -399,7 +425,7 @@ def run_bundle(bundle: str, workdir: str, out: str) -> int:
     jobs = json.loads((jobdir / "jobs.json").read_text(encoding="utf-8"))
     env = dict(os.environ)
     env.setdefault("EDGEBRAIN_QUIET", "1")
-    results = run_jobs(jobdir, jobs, env=env, describe=lambda jf: f"[device] {jf} done")
+    results = run_jobs(jobdir, jobs, env=env, describe=_describe)
     from .doctor import fingerprint
 
     _write_json(Path(out), {"results": results, "fingerprint": fingerprint(), **runtime_identity()})

@@ -455,8 +455,8 @@ def prepare_classifier_training(sr_model: Any, x: np.ndarray, y: np.ndarray, sca
         parts_y.append(y)
         src.append(np.ones(len(x), np.int8))
     return SRTrainingSet(np.concatenate(parts_x), np.concatenate(parts_y), np.concatenate(src),
-                         {"mix": mix, "degradation_seed": seed, "n_native": int(sum(s.sum() == 0 for s in src)),
-                          "n": int(sum(len(p) for p in parts_x))})
+                         {"mix": mix, "degradation_seed": seed, "n_native": int(len(x)) if "native" in mix else 0,
+                          "n_sr": int(len(x)) if "sr" in mix else 0})
 
 
 def assemble(sr_model: Any, classifier: Any, lr_size: int) -> Any:
@@ -512,8 +512,81 @@ def three_way(sr_model: Any, classifier: Any, hr: np.ndarray, y: np.ndarray, spe
     return out
 
 
+def prepare_sr_resnet50(cfg: Any, size: int, tr: D.Arrays, va: D.Arrays
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Any, dict[str, Any]]:
+    """The SR stage (loaded from ``cfg.sr_model`` or trained on the train arrays) and the
+    classifier's training/validation arrays: native + SR-enhanced (``cfg.sr_mix``)."""
+    scale = int(cfg.sr_scale)
+    if size % scale:
+        raise DataError(f"sr-resnet50: --size {size} must be divisible by the SR scale {scale}")
+    deg = Degradation(scale=scale)
+    if cfg.sr_model:
+        sr_model, rec = load_sr(cfg.sr_model)
+        if sr_scale_of(sr_model) != scale:
+            raise ModelError(f"{cfg.sr_model}: SR model is x{sr_scale_of(sr_model)}, --scale is x{scale}")
+        if rec.get("degradation"):
+            deg = Degradation.from_dict(rec["degradation"])
+        info: dict[str, Any] = {"source": str(Path(cfg.sr_model).resolve()), "trained_with": rec}
+        sr_model = resize_sr(sr_model, None)
+    else:
+        t0 = time.time()
+        sr_model, hist = fit_sr(tr.x, va.x, scale, cfg.sr_epochs, cfg.seed, cfg.sr_width, degradation=deg)
+        info = {"source": "trained with the classifier (same train split)", "epochs": cfg.sr_epochs,
+                "width": cfg.sr_width, "seconds": round(time.time() - t0, 1), "history": hist}
+    info.update({"scale": scale, "hr_size": size, "lr_size": size // scale, "degradation": deg.to_dict(),
+                 "classifier_training_mix": cfg.sr_mix})
+    trs = prepare_classifier_training(sr_model, tr.x, tr.y, scale, cfg.seed + 1, deg, cfg.sr_mix)
+    vas = prepare_classifier_training(sr_model, va.x, va.y, scale, cfg.seed + 2, deg, cfg.sr_mix)
+    info["classifier_training_set"] = trs.info
+    return trs.x, trs.y, vas.x, vas.y, sr_model, info
+
+
+def evaluate_sr_resnet50(sr_model: Any, classifier: Any, ds: D.Dataset, spec_hr: PreprocessSpec, cfg: Any,
+                         calib_samples: Sequence[D.Sample], sr_info: dict[str, Any]) -> dict[str, Any]:
+    """Three-way Testing evaluation, SR quality (PSNR/SSIM vs bicubic), the SR stage's int8
+    check (calibrated on the calib split) and the ``pipeline`` record for the card."""
+    scale = int(sr_info["scale"])
+    hr_size = int(sr_info["hr_size"])
+    lr_size = hr_size // scale
+    deg = Degradation.from_dict(sr_info["degradation"])
+    test = ds.split("Testing")
+    if cfg.eval_per_class:
+        test = D.subset(test, cfg.eval_per_class, cfg.seed)
+    hr = D.load_arrays(test, (hr_size, hr_size), desc="Testing (HR)")
+    lr = D.load_arrays(test, (lr_size, lr_size), desc="Testing (LR)")
+    if [s.rel for s in hr.samples] != [s.rel for s in lr.samples]:
+        raise DataError("Testing images decoded differently at the two sizes")
+    tw = three_way(sr_model, classifier, hr.x, hr.y, spec_hr, ds.class_names, scale, EVAL_SEED, deg, lr.x)
+    quality = compare_upscalers(sr_model, hr.x, scale, EVAL_SEED, deg)
+    policy: dict[str, Any] | None = None
+    if getattr(cfg, "sr_int8_check", True):
+        cal = D.load_arrays(D.subset(calib_samples, 25, cfg.seed), (hr_size, hr_size), desc="calib")
+        policy = int8_psnr_check(sr_model, degrade(cal.x, scale, cfg.seed + 3, deg), hr.x[:200], scale,
+                                 DEFAULT_PSNR_BUDGET_DB, EVAL_SEED, deg)
+        policy["calibration_split"] = "calib"
+    summary = {"native": tw["native"]["accuracy"],
+               **{src: {"bicubic": tw[src]["bicubic"]["accuracy"], "sr": tw[src]["sr"]["accuracy"]}
+                  for src in ("degraded", "resized")}}
+    return {
+        "summary": summary, "three_way": tw,
+        "sr_quality": {k: quality[k] for k in ("n", "scale", "sr", "bicubic", "bilinear", "sr_minus_bicubic")},
+        "int8": policy,
+        "pipeline": pipeline_record(scale, lr_size, hr_size, spec_hr, policy, len(ds.class_names)),
+    }
+
+
+def save_stages(folder: str | Path, composite: Any) -> dict[str, str]:
+    """Write the SR stage and the classifier of an assembled pipeline as their own files."""
+    sr, cls = split_stages(composite)
+    folder = Path(folder)
+    sr.save(folder / SR_STAGE_FILE)
+    cls.save(folder / CLASSIFIER_STAGE_FILE)
+    return {"sr": SR_STAGE_FILE, "classifier": CLASSIFIER_STAGE_FILE}
+
+
 def pipeline_record(scale: int, lr_size: int, hr_size: int, spec_hr: PreprocessSpec,
-                    sr_precision_policy: dict[str, Any] | None = None) -> dict[str, Any]:
+                    sr_precision_policy: dict[str, Any] | None = None, num_classes: int | None = None
+                    ) -> dict[str, Any]:
     """``card.extra['pipeline']``: what convert / bench need to handle the stages separately."""
     return {
         "stages": [
@@ -523,7 +596,7 @@ def pipeline_record(scale: int, lr_size: int, hr_size: int, spec_hr: PreprocessS
              "int8_policy": sr_precision_policy or {"budget_psnr_drop_db": DEFAULT_PSNR_BUDGET_DB,
                                                      "decision": "unmeasured"}},
             {"name": "classifier", "file": CLASSIFIER_STAGE_FILE, "role": "classifier",
-             "input_shape": [hr_size, hr_size, 3], "output_shape": None,
+             "input_shape": [hr_size, hr_size, 3], "output_shape": [num_classes] if num_classes else None,
              "preprocess": spec_hr.to_dict()},
         ],
         "composite_file": MODEL_FILE,

@@ -48,6 +48,18 @@ class TrainConfig:
     dropout: float = 0.5
     overwrite: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # MRI+CT fusion (edgebrain.fusion): method weighted | laplacian | wavelet, CT by name or CSV
+    fuse: str | None = None
+    fuse_mode: str = "rgb"  # rgb: R=MRI, G=CT, B=fused | fused: fused grey x3
+    ct_dir: str | None = None
+    ct_csv: str | None = None
+    # sr-resnet50 (edgebrain.sr): input_size is the classifier's (HR) size, the model takes size/scale
+    sr_scale: int = 2
+    sr_model: str | None = None  # an SR model folder from `edgebrain train sr`; None: train one first
+    sr_epochs: int = 10
+    sr_width: float = 0.5
+    sr_mix: str = "native+sr"  # what the classifier trains on: native+sr | sr | native
+    sr_int8_check: bool = True  # measure the SR stage's int8 PSNR drop for the deployment policy
 
 
 def _augmenter(cfg: TrainConfig) -> Any:
@@ -106,14 +118,37 @@ def predict_probs(model: Any, x: np.ndarray, spec: PreprocessSpec, batch: int = 
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def _ct_pairing(ct: Any, data_root: Any) -> Any:
+    from .fusion import CTPairing
+
+    if ct is None or isinstance(ct, CTPairing):
+        return ct
+    return CTPairing(ct_dir=ct, mri_root=data_root)
+
+
+def load_split(samples: Any, spec: PreprocessSpec, desc: str, ct: Any = None, data_root: Any = None) -> D.Arrays:
+    """Decode samples for a model with this spec: plain MRI, or fused MRI+CT when the spec
+    records a fusion (``ct``: a CT folder or an ``edgebrain.fusion.CTPairing``)."""
+    from .fusion import FusionError, fusion_of, load_fused_arrays
+
+    fs = fusion_of(spec)
+    if fs is None:
+        return D.load_arrays(samples, spec.size, desc=desc)
+    pairing = _ct_pairing(ct, data_root)
+    if pairing is None:
+        raise FusionError(f"the model expects fused MRI+CT input ({fs.method}): give the CT images (ct_dir / --ct-dir)")
+    return load_fused_arrays(samples, pairing, fs, spec.size, desc=desc)
+
+
 def evaluate_model(model: Any, ds: D.Dataset, spec: PreprocessSpec, eval_per_class: int | None = None,
-                   seed: int = 0) -> dict[str, Any]:
-    """Testing metrics on the full split and on the deduplicated list."""
+                   seed: int = 0, ct: Any = None) -> dict[str, Any]:
+    """Testing metrics on the full split and on the deduplicated list. A model whose spec
+    records MRI+CT fusion needs ``ct`` (CT folder or CTPairing)."""
     test = ds.split("Testing")
     dd = {s.rel for s in D.dedup_eval(ds)}
     if eval_per_class:
         test = D.subset(test, eval_per_class, seed)
-    arr = D.load_arrays(test, spec.size, desc="Testing")
+    arr = load_split(test, spec, "Testing", ct, ds.root)
     probs = predict_probs(model, arr.x, spec)
     full = classification_metrics(arr.y, probs, ds.class_names)
     mask = np.array([s.rel in dd for s in arr.samples], bool)
@@ -126,19 +161,42 @@ def evaluate_model(model: Any, ds: D.Dataset, spec: PreprocessSpec, eval_per_cla
     }
 
 
+def _check_options(cfg: TrainConfig) -> None:
+    if cfg.fuse and cfg.variant == "sr-resnet50":
+        raise DataError("--fuse and sr-resnet50 cannot be combined (the SR stage is trained on MRI only)")
+    if not cfg.fuse and (cfg.ct_dir or cfg.ct_csv):
+        raise DataError("--ct-dir / --ct-csv need --fuse METHOD")
+    if cfg.variant == "sr-resnet50" and (cfg.preprocess or "rescale") != "rescale":
+        raise DataError("sr-resnet50 needs --preprocess rescale (the SR stage works on pixels / 255)")
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train a variant on the Training split; write model, card, history and Testing metrics."""
+    """Train a variant on the Training split; write model, card, history and Testing metrics.
+
+    ``cfg.fuse``: train on fused MRI+CT inputs (recorded in ``preprocess.extra['fusion']``).
+    ``sr-resnet50``: train (or load) the SR stage, train the classifier on native and
+    SR-enhanced images, save the assembled LR -> SR -> classifier model plus each stage."""
     from .models.variants import VARIANTS, build_model, count_params
     from .tfenv import import_tf, keras, set_seed
 
     if cfg.variant not in VARIANTS:
         raise DataError(f"unknown variant {cfg.variant!r}; choose from {', '.join(VARIANTS)}")
+    _check_options(cfg)
     tf = import_tf()
     K = keras()
     set_seed(cfg.seed)
     info = VARIANTS[cfg.variant]
     size = cfg.input_size or info.default_size
-    spec = PreprocessSpec.named(cfg.preprocess or default_for_variant(cfg.variant), size)
+    pairing = None
+    pre_extra: dict[str, Any] = {}
+    if cfg.fuse:
+        from .fusion import CTPairing, FusionSpec
+
+        fspec = FusionSpec(method=cfg.fuse, mode=cfg.fuse_mode).validated()
+        pairing = CTPairing(ct_dir=cfg.ct_dir, csv_path=cfg.ct_csv, mri_root=cfg.data_dir)
+        pre_extra["fusion"] = fspec.to_dict()
+    spec = PreprocessSpec.named(cfg.preprocess or default_for_variant(cfg.variant), size, extra=pre_extra)
+    is_sr = cfg.variant == "sr-resnet50"
 
     ds = D.scan(cfg.data_dir)
     splits = D.splits_for(ds, cfg.seed, {"val": cfg.val_fraction, "calib": cfg.calib_fraction})
@@ -146,16 +204,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.per_class:
         train_s = D.subset(train_s, cfg.per_class, cfg.seed)
         val_s = D.subset(val_s, max(4, cfg.per_class // 4), cfg.seed)
-    tr = D.load_arrays(train_s, spec.size, desc="train")
-    va = D.load_arrays(val_s, spec.size, desc="val")
+    tr = load_split(train_s, spec, "train", pairing, ds.root)
+    va = load_split(val_s, spec, "val", pairing, ds.root)
     if len(tr.x) == 0:
         raise DataError("no training images could be read")
     failed = tr.failed + va.failed
     for p, r in failed:
         print(f"warning: skipped {p}: {r}", file=sys.stderr)
 
-    model = build_model(cfg.variant, size, len(ds.class_names), cfg.width, cfg.weights, dropout=cfg.dropout)
-    steps = int(np.ceil(len(tr.x) / cfg.batch_size))
+    sr_stage = None
+    sr_info: dict[str, Any] = {}
+    x_tr, y_tr, x_va, y_va = tr.x, tr.y, va.x, va.y
+    if is_sr:
+        from . import sr as SR
+
+        x_tr, y_tr, x_va, y_va, sr_stage, sr_info = SR.prepare_sr_resnet50(cfg, size, tr, va)
+        model = build_model("resnet50", size, len(ds.class_names), cfg.width, cfg.weights, dropout=cfg.dropout)
+    else:
+        model = build_model(cfg.variant, size, len(ds.class_names), cfg.width, cfg.weights, dropout=cfg.dropout)
+    steps = int(np.ceil(len(x_tr) / cfg.batch_size))
     if cfg.lr_schedule == "cosine":
         lr: Any = K.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=max(1, steps * cfg.epochs), alpha=0.01)
     else:
@@ -166,7 +233,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.class_weights:
         from sklearn.utils.class_weight import compute_class_weight
 
-        w = compute_class_weight("balanced", classes=np.arange(len(ds.class_names)), y=tr.y)
+        w = compute_class_weight("balanced", classes=np.arange(len(ds.class_names)), y=y_tr)
         cw = {i: float(v) for i, v in enumerate(w)}
     callbacks: list[Any] = [
         K.callbacks.EarlyStopping(monitor="val_accuracy", patience=cfg.patience, restore_best_weights=True,
@@ -175,19 +242,39 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.lr_schedule == "plateau":
         callbacks.append(K.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=3))
     aug = _augmenter(cfg)
-    train_ds = make_dataset(tr.x, tr.y, spec, cfg.batch_size, len(ds.class_names), True, cfg.seed, aug)
-    val_ds = make_dataset(va.x, va.y, spec, cfg.batch_size, len(ds.class_names), False, cfg.seed)
+    train_ds = make_dataset(x_tr, y_tr, spec, cfg.batch_size, len(ds.class_names), True, cfg.seed, aug)
+    val_ds = make_dataset(x_va, y_va, spec, cfg.batch_size, len(ds.class_names), False, cfg.seed)
     t0 = time.time()
     hist = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, class_weight=cw, callbacks=callbacks,
                      verbose=1 if sys.stdout.isatty() else 2)
     train_s_elapsed = time.time() - t0
 
-    metrics = evaluate_model(model, ds, spec, cfg.eval_per_class, cfg.seed)
+    classifier = model
+    card_spec = spec
+    if is_sr:
+        from . import sr as SR
+
+        lr_size = size // cfg.sr_scale
+        model = SR.assemble(sr_stage, classifier, lr_size)
+        card_spec = PreprocessSpec.named("rescale", lr_size)
+        metrics = evaluate_model(model, ds, card_spec, cfg.eval_per_class, cfg.seed)
+        metrics["sr_pipeline"] = SR.evaluate_sr_resnet50(sr_stage, classifier, ds, spec, cfg, splits["calib"],
+                                                         sr_info)
+    else:
+        metrics = evaluate_model(model, ds, spec, cfg.eval_per_class, cfg.seed, ct=pairing)
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    extra: dict[str, Any] = {"command": " ".join(sys.argv)}
+    if pairing is not None:
+        extra["fusion"] = {**pre_extra["fusion"], **pairing.describe(),
+                           "honoured_by": ["edgebrain train (evaluate_model)", "edgebrain.train.load_split",
+                                           "edgebrain.fusion.load_fused (Predictor inputs)"]}
+    if is_sr:
+        extra["sr"] = sr_info
+        extra["pipeline"] = metrics["sr_pipeline"].pop("pipeline")
     card = ModelCard(
         variant=cfg.variant,
         class_names=ds.class_names,
-        preprocess=spec,
+        preprocess=card_spec,
         input_shape=[int(d) for d in model.input_shape[1:]],
         data={
             "root": str(Path(cfg.data_dir).resolve()),
@@ -208,12 +295,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "testing_dedup_accuracy": (metrics["testing_dedup"] or {}).get("accuracy"),
             "testing_dedup_n": (metrics["testing_dedup"] or {}).get("n"),
             "val_accuracy_best": max(history.get("val_accuracy", [float("nan")])),
+            **({"sr_pipeline_accuracy": metrics["sr_pipeline"]["summary"]} if is_sr else {}),
         },
         versions=environment_facts(),
-        extra={"command": " ".join(sys.argv)},
+        extra=extra,
     )
     with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
         model.save(tmp / MODEL_FILE)
+        if is_sr:
+            from . import sr as SR
+
+            SR.save_stages(tmp, model)
         card.save(tmp)
         atomic_write_json(tmp / "history.json", history)
         atomic_write_json(tmp / "metrics.json", metrics)

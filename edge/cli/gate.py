@@ -75,6 +75,8 @@ def _print(report: object) -> None:
               help=f"Max recall drop of any class vs the reference, pp [default: {D_MAX_CLASS_DROP}].")
 @click.option("--min-agreement", type=float, default=None,
               help=f"Min top-1 agreement with the reference, fraction [default: {D_MIN_AGREEMENT}].")
+@click.option("--min-accuracy", type=float, default=None,
+              help="Absolute accuracy floor for every artifact, fraction (e.g. 0.9) [default: off].")
 @click.option("--max-latency-ratio", type=float, default=None,
               help=f"Max p50 latency / baseline p50 (needs --baseline) [default: {D_MAX_LATENCY_RATIO}].")
 @click.option("--non-inferiority", type=click.Choice(["off", "ci", "mcnemar"]), default="off", show_default=True,
@@ -93,7 +95,8 @@ def _print(report: object) -> None:
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="Write the full gate report as JSON here.")
 def command(results: Path, baseline: Path | None, update_baseline: bool, max_drop: float | None,
-            max_class_drop: float | None, min_agreement: float | None, max_latency_ratio: float | None,
+            max_class_drop: float | None, min_agreement: float | None, min_accuracy: float | None,
+            max_latency_ratio: float | None,
             non_inferiority: str, ni_margin: float, alpha: float, no_artifact_check: bool,
             artifact_root: Path | None, junit: Path | None, summary: Path | None, json_out: Path | None) -> None:
     """Fail when an artifact in a bench RESULTS.json is less accurate than the FP32 reference.
@@ -120,7 +123,7 @@ def command(results: Path, baseline: Path | None, update_baseline: bool, max_dro
             max_class_drop=D_MAX_CLASS_DROP if max_class_drop is None else max_class_drop,
             min_agreement=D_MIN_AGREEMENT if min_agreement is None else min_agreement,
             max_latency_ratio=D_MAX_LATENCY_RATIO if max_latency_ratio is None else max_latency_ratio,
-            non_inferiority=non_inferiority, ni_margin=ni_margin, alpha=alpha,
+            non_inferiority=non_inferiority, ni_margin=ni_margin, alpha=alpha, min_accuracy=min_accuracy,
             artifact_check=not no_artifact_check, artifact_root=artifact_root, update_baseline=update_baseline,
         )
     except GateError as exc:

@@ -1,9 +1,10 @@
-"""``edgebrain train VARIANT --data DIR --out DIR``."""
+"""``edgebrain train VARIANT --data DIR --out DIR`` (and ``edgebrain train sr --scale 2 ...``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -36,18 +37,55 @@ from ..errors import EdgebrainError
 @click.option("--zoom", type=float, default=0.0, help="Random zoom, fraction.")
 @click.option("--no-brightness", is_flag=True, help="Disable the seed's brightness x[0.8, 1.2] augmentation.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--fuse", type=click.Choice(["weighted", "laplacian", "wavelet"]), default=None,
+              help="Train on fused MRI+CT inputs (needs --ct-dir or --ct-csv).")
+@click.option("--fuse-mode", type=click.Choice(["rgb", "fused"]), default="rgb", show_default=True,
+              help="rgb: R=MRI, G=CT, B=fused; fused: the fused grey image in all channels.")
+@click.option("--ct-dir", type=click.Path(path_type=Path), default=None,
+              help="CT images mirroring the MRI layout (paired by relative path / file stem).")
+@click.option("--ct-csv", type=click.Path(path_type=Path), default=None,
+              help="CSV with 'mri' and 'ct' columns pairing the files explicitly.")
+@click.option("--scale", "sr_scale", type=click.IntRange(2, 4), default=2, show_default=True,
+              help="SR upscaling factor (train sr, sr-resnet50).")
+@click.option("--sr-model", type=click.Path(path_type=Path), default=None,
+              help="sr-resnet50: a trained SR folder (from 'edgebrain train sr'); default: train one first.")
+@click.option("--sr-epochs", type=int, default=10, show_default=True, help="Epochs for the SR net.")
+@click.option("--sr-width", type=float, default=0.5, show_default=True, help="SR net width (1.0 = 64/32 channels).")
+@click.option("--sr-mix", type=click.Choice(["native+sr", "sr", "native"]), default="native+sr",
+              show_default=True, help="sr-resnet50: images the classifier trains on.")
 def command(variant: str, data_dir: Path, out: Path, no_brightness: bool, **kw: object) -> None:
     """Train VARIANT (resnet50, resnet50-lite, resnet50-ft, xception, xception-lite, xception-ft,
     sr-resnet50) with Adam and categorical cross-entropy, early stopping and an LR schedule.
 
     Writes model.keras (tf-keras), model_card.json, history.json and metrics.json (Testing and
     deduplicated Testing: accuracy, per-class precision/recall/F1, macro-F1, confusion matrix).
-    """
-    from ..train import TrainConfig, train
 
-    cfg = TrainConfig(variant=variant, data_dir=str(data_dir), out=str(out),
-                      brightness=(1.0, 1.0) if no_brightness else (0.8, 1.2), **kw)  # type: ignore[arg-type]
+    \b
+    VARIANT "sr" trains only the super-resolution net (self-supervised, train split):
+      edgebrain train sr --scale 2 --size 96 --epochs 10 --data DATA --out runs/sr-x2
+    --size is the high-resolution size; PSNR/SSIM vs bicubic on Testing go to metrics.json.
+
+    \b
+    MRI+CT fusion (recorded in the model card; see docs/sr-fusion.md):
+      edgebrain train resnet50-lite --fuse wavelet --ct-dir CT --data DATA --out runs/fused
+    """
     try:
+        if variant == "sr":
+            from ..sr import train_sr
+
+            o: dict[str, Any] = dict(kw)
+            res = train_sr(data_dir, out, scale=o["sr_scale"], hr_size=o["input_size"] or 96, epochs=o["epochs"],
+                           seed=o["seed"], width=o["sr_width"], batch_size=o["batch_size"], lr=o["lr"],
+                           per_class=o["per_class"], eval_per_class=o["eval_per_class"], overwrite=o["overwrite"])
+            click.echo(json.dumps({"out": str(out), **res["card"]["metrics"]}, indent=2))
+            return
+        from ..train import TrainConfig, train
+
+        for k in ("ct_dir", "ct_csv", "sr_model"):
+            if kw.get(k) is not None:
+                kw[k] = str(kw[k])
+        cfg = TrainConfig(variant=variant, data_dir=str(data_dir), out=str(out),
+                          brightness=(1.0, 1.0) if no_brightness else (0.8, 1.2), **kw)  # type: ignore[arg-type]
         res = train(cfg)
     except EdgebrainError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -32,7 +32,7 @@ SRC = "a" * 64
 LIST_HASH = "b" * 64
 SUPPORT = 100
 FP = {"hostname": "runner-1", "os": "Linux", "cpu": "Test CPU 3000", "arch": "x86_64", "cores": 2,
-      "isa": ["avx2"], "memory_mb": 8000}
+      "isa": ["avx2"], "memory_mb": 8000, "packages": {"numpy": "2.4.6"}}
 
 
 def make_artifact(root: Path, name: str, target: str = "tflite", precision: str = "int8",
@@ -57,8 +57,8 @@ def record(name: str, recalls: list[float], agreement: float = 1.0, p50: float =
     return {
         "artifact": str(folder) if folder else f"artifacts/{name}", "name": name,
         "artifact_sha256": sha or "c" * 64, "target": target, "precision": precision,
-        "device": {"profile": device, "fingerprint": dict(fingerprint or FP), "runtime": "ai-edge-litert 2.3.0",
-                   "threads": 2, "ran_on": "CPU"},
+        "device": {"profile": device, "label": device, "fingerprint": dict(fingerprint or FP), "runtime": "ai-edge-litert 2.3.0",
+                   "threads": 2, "ran_on": "CPU", "transport": "local"},
         "accuracy": acc, "accuracy_ci95": ci or [acc - 0.02, min(1.0, acc + 0.02)], "macro_f1": acc,
         "per_class": {c: {"precision": r, "recall": r, "f1": r, "support": SUPPORT} for c, r in zip(CLASSES, recalls)},
         "confusion_matrix": [[0] * 4 for _ in range(4)],
@@ -75,15 +75,15 @@ REF_RECALLS = [0.95, 0.90, 0.99, 0.96]
 
 def results_doc(recs: list[dict[str, Any]], ref_recalls: list[float] | None = None,
                 list_hash: str = LIST_HASH, src: str = SRC) -> dict[str, Any]:
-    ref = record("reference", ref_recalls or REF_RECALLS, sha=src, target="keras", precision="fp32")
+    ref = record("reference", ref_recalls or REF_RECALLS, sha=src, target="tensorflow", precision="fp32")
     ref["artifact"] = "runs/lite/model.keras"
     ref["device"]["runtime"] = "tensorflow 2.21.0"
     return {
         "schema_version": 1, "kind": "edgebrain-bench-results", "created": "2025-01-01T00:00:00",
         "command": "edgebrain bench ...",
         "data": {"root": "/data", "split": "Testing", "n": SUPPORT * 4, "list_hash": list_hash, "dedup_n": 380,
-                 "class_names": CLASSES},
-        "reference": ref, "results": recs,
+                 "class_names": CLASSES, "failed": []},
+        "reference": ref, "results": recs, "errors": [],
     }
 
 
@@ -105,6 +105,13 @@ def good_results(arts: dict[str, tuple[Path, str]], **kw: Any) -> dict[str, Any]
         recs.append(record(name, [0.95, 0.90, 0.99, 0.96], agreement=0.995, folder=folder, sha=sha,
                            target=t, precision=p, **kw))
     return results_doc(recs)
+
+
+def test_fixture_matches_the_bench_results_schema(arts: dict[str, tuple[Path, str]]) -> None:
+    """The results built here are what bench writes (its JSON Schema), so the gate is tested on the contract."""
+    from edgebrain.bench import validate_results
+
+    validate_results(good_results(arts))
 
 
 def statuses(rep: Any) -> dict[str, dict[str, str]]:
@@ -165,6 +172,20 @@ def test_agreement_fails(tmp_path: Path, arts: dict[str, tuple[Path, str]]) -> N
     assert gate(tmp_path / "r.json", min_agreement=0.95).exit_code == 0
 
 
+def test_min_accuracy_floor(tmp_path: Path, arts: dict[str, tuple[Path, str]]) -> None:
+    # a reference that is itself bad: the artifacts match it, so only an absolute floor can say no
+    poor = [0.5, 0.4, 0.6, 0.5]
+    recs = [record(n, poor, 1.0, folder=f, sha=sh, target=n.split("-")[0]) for n, (f, sh) in arts.items()]
+    p = write(tmp_path / "r.json", results_doc(recs, ref_recalls=poor))
+    assert gate(p).exit_code == 0
+    rep = gate(p, min_accuracy=0.9)
+    assert all(st["min_accuracy"] == FAIL for st in statuses(rep).values()) and rep.exit_code == 1
+    assert "50.00% < floor 90.00%" in rep.subjects[0].check("min_accuracy").message  # type: ignore[union-attr]
+    assert gate(p, min_accuracy=0.5).exit_code == 0
+    with pytest.raises(GateError):
+        gate(p, min_accuracy=90)
+
+
 def test_non_inferiority_ci(tmp_path: Path, arts: dict[str, tuple[Path, str]]) -> None:
     doc = good_results(arts)
     ref_acc = sum(REF_RECALLS) / 4
@@ -221,6 +242,21 @@ def test_empty_results_file_fails_closed(tmp_path: Path, arts: dict[str, tuple[P
     doc = good_results(arts)
     doc["kind"] = "something-else"
     assert gate(write(p, doc)).exit_code == 2
+
+
+def test_artifact_bench_could_not_run_fails_closed(tmp_path: Path, arts: dict[str, tuple[Path, str]]) -> None:
+    doc = good_results(arts)
+    doc["errors"] = [{"artifact": "artifacts/openvino-int8", "name": "openvino-int8", "device": "host",
+                      "error": "openvino is not installed"}]
+    doc["warnings"] = ["onnx-int8: its model was trained on a different dataset version"]
+    doc["results"][0]["device"]["warnings"] = ["profile says 4 cores, the device has 2"]
+    rep = gate(write(tmp_path / "r.json", doc))
+    assert rep.exit_code == 2
+    bad = [s for s in rep.subjects if s.status == ERROR]
+    assert [s.key for s in bad] == ["openvino-int8@host"]
+    assert "openvino is not installed" in bad[0].checks[0].message
+    md = markdown_summary(rep)
+    assert "openvino is not installed" in md and "different dataset version" in md and "4 cores" in md
 
 
 @pytest.mark.parametrize("path", ["accuracy", "agreement", "per_class.glioma.recall", "per_class.notumor"])
@@ -413,13 +449,13 @@ def test_junit_xml_parses_and_counts(tmp_path: Path, arts: dict[str, tuple[Path,
     root = ET.fromstring(junit_xml(rep))
     assert root.tag == "testsuites"
     cases = root.findall(".//testcase")
-    assert len(cases) == 2 * 7  # artifact x device x check
+    assert len(cases) == 2 * 8  # artifact x device x check
     fails = root.findall(".//testcase/failure")
     errs = root.findall(".//testcase/error")
     assert len(fails) == 1 and "agreement" in fails[0].get("message", "")
     assert len(errs) == 1 and "glioma" in errs[0].get("message", "")
-    assert root.get("failures") == "1" and root.get("errors") == "1" and root.get("tests") == "14"
-    assert int(root.get("skipped", "0")) == 2 * 3  # non-inferiority, baseline accuracy, latency
+    assert root.get("failures") == "1" and root.get("errors") == "1" and root.get("tests") == "16"
+    assert int(root.get("skipped", "0")) == 2 * 4  # min accuracy, non-inferiority, baseline accuracy, latency
     suites = {s.get("name") for s in root.findall("testsuite")}
     assert suites == {"tflite-int8 @ host", "onnx-int8 @ host"}
     # results-level errors get their own suite
@@ -434,12 +470,13 @@ def test_markdown_summary_content(tmp_path: Path, arts: dict[str, tuple[Path, st
     md = markdown_summary(rep)
     assert md.startswith("## ❌ edgebrain gate: FAIL")
     for needle in ("| max accuracy drop | 0.5 pp |", "| max per-class recall drop | 1 pp |",
-                   "| min top-1 agreement | 0.99 |", "| non-inferiority | off |", "tflite-int8", "onnx-int8",
+                   "| min top-1 agreement | 0.99 |", "| non-inferiority | off |",
+                   "| min accuracy (absolute) | off |", "tflite-int8", "onnx-int8",
                    "**tflite-int8@host** `agreement`", "0.9000 (< 0.99)", "Exit code 1", "n=400"):
         assert needle in md, needle
     # every artifact row has one cell per check + verdict
     rows = [ln for ln in md.splitlines() if ln.startswith("| tflite-int8 ") or ln.startswith("| onnx-int8 ")]
-    assert len(rows) == 2 and all(r.count("|") == 16 for r in rows)
+    assert len(rows) == 2 and all(r.count("|") == 17 for r in rows)
     ok = markdown_summary(gate(write(tmp_path / "ok.json", good_results(arts))))
     assert ok.startswith("## ✅ edgebrain gate: PASS") and "Why it did not pass" not in ok
     # one image per class is 1 pp here: the summary says so

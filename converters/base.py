@@ -1,0 +1,118 @@
+"""The one interface every conversion target implements.
+
+A :class:`Target` turns a :class:`~edgebrain.converters.source.Source` into the files of one
+artifact folder at one precision (:meth:`Target.build`), says which precisions and source
+formats it supports (with a reason when it does not), counts the ops that run in int8 vs
+float where its format allows (:meth:`Target.count_ops`) and loads an artifact into an
+edge runner (:meth:`Target.load`). Adding a runtime means adding one ``*_target.py``
+module to this package that calls :func:`edgebrain.converters.registry.register`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import numpy as np
+
+from edgebrain.errors import EdgebrainError
+
+if TYPE_CHECKING:
+    from edgebrain.artifact import Artifact
+    from edgebrain.calibration import CalibrationSet
+    from edgebrain.runtime import Runner
+
+    from .source import Source
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "dynamic", "int16x8")
+CALIBRATED = frozenset({"int8", "int16x8"})  # precisions that need calibration images
+
+
+class ConversionError(EdgebrainError):
+    """A target could not produce an artifact (the message names the model and the step)."""
+
+
+class UnsupportedPrecision(ConversionError):
+    pass
+
+
+@dataclass
+class BuildContext:
+    """What a target may use while building one artifact."""
+
+    source: Source
+    workdir: Path  # scratch folder shared by all targets of one run (exports are cached here)
+    options: dict[str, Any]  # every target's options, defaults filled in
+    calibration: Callable[[], CalibrationSet] | None = None  # lazy: built on first use
+    validation: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None  # (x, y) of the val split
+    calib_method: str | None = None  # --calib-method as asked
+
+    def calib(self) -> CalibrationSet:
+        if self.calibration is None:
+            raise ConversionError("this precision needs calibration images (--calib DIR or a model card with "
+                                  "a data root)")
+        return self.calibration()
+
+
+@dataclass
+class Built:
+    """A target's result: files written into the build folder plus manifest fragments."""
+
+    model_file: str  # relative to the build folder
+    quantization: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    runtime_options: dict[str, Any] = field(default_factory=dict)
+    ops: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # every file of the artifact (model_file included)
+
+
+class Target(ABC):
+    name: ClassVar[str]
+    runtime: ClassVar[str]  # the edge runtime that loads it
+    suffix: ClassVar[str]  # the model file's suffix
+    precisions: ClassVar[tuple[str, ...]]
+    source_formats: ClassVar[tuple[str, ...]] = ("tf-keras", "keras3", "onnx")
+    options: ClassVar[dict[str, Any]] = {}  # option name -> default
+    option_help: ClassVar[dict[str, str]] = {}
+    not_supported: ClassVar[dict[str, str]] = {}  # precision -> why not
+
+    def unsupported(self, precision: str, source_format: str) -> str | None:
+        """None when (precision, source format) can be built, else the reason it cannot."""
+        if precision not in PRECISIONS:
+            return f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})"
+        if precision not in self.precisions:
+            why = self.not_supported.get(precision, "")
+            return (f"{self.name} does not offer {precision}" + (f": {why}" if why else "")
+                    + f" (it offers {', '.join(self.precisions)})")
+        if source_format not in self.source_formats:
+            return f"{self.name} converts {', '.join(self.source_formats)} models, not {source_format}"
+        return None
+
+    @abstractmethod
+    def build(self, ctx: BuildContext, precision: str, out: Path) -> Built:
+        """Write the artifact's model file(s) for ``precision`` into ``out``."""
+
+    def count_ops(self, model_file: Path) -> dict[str, Any] | None:
+        """{int8_ops, float_ops, float_op_types, ...} from the written model, where countable."""
+        return None
+
+    def load(self, artifact: Artifact, threads: int | None = None) -> Runner:
+        from edgebrain.runtime import load_runner
+
+        return load_runner(artifact, threads=threads)
+
+
+def gzip_size(path: Path) -> int:
+    with open(path, "rb") as fh:
+        return len(gzip.compress(fh.read(), compresslevel=9))
+
+
+def file_sizes(folder: Path, files: list[str]) -> dict[str, Any]:
+    size = sum(os.path.getsize(folder / f) for f in files)
+    gz = sum(gzip_size(folder / f) for f in files)
+    return {"size_bytes": size, "gzip_bytes": gz}

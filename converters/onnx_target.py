@@ -1,0 +1,212 @@
+"""ONNX: tf2onnx export (opset >= 13) and onnxruntime quantisation.
+
+* fp32: the tf2onnx export (or the ONNX source itself);
+* fp16: ``onnxruntime.transformers.float16.convert_float_to_float16`` (float32 I/O kept);
+* dynamic: ``quantize_dynamic`` (int8 weights, activations quantised at run time);
+* int8: ``quantize_static`` on the calibration set after ``quant_pre_process``.
+
+Int8 default: QOperator format, uint8 activations x int8 weights (U8S8), per-channel
+weights. On x86 CPUs with VNNI this ran several times faster than fp32, while the QDQ
+S8S8 form ran slower than fp32 for ResNet50 (see docs/convert.md and
+benchmarks/results/convert.md for the measurements). ``onnx_format``,
+``onnx_activations``, ``onnx_weights``, ``onnx_per_channel`` and ``onnx_reduce_range``
+choose otherwise; use ``onnx_reduce_range`` on x86 CPUs without VNNI (AVX2 / AVX-512F only),
+where U8S8 can saturate.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from edgebrain.calibration import resolve_method
+
+from .base import BuildContext, Built, ConversionError, Target
+from .registry import register
+from .source import DEFAULT_OPSET, MIN_OPSET
+
+MODEL_FILE = "model.onnx"
+BOUNDARY = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+INTEGER_OPS = {"ConvInteger", "MatMulInteger", "QGemm", "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Shape", "Gather",
+              "Concat", "Slice"}
+
+
+def onnx_ops(path: Path) -> dict[str, Any]:
+    """Count quantised vs float compute nodes of an ONNX graph.
+
+    QOperator nodes (``QLinear*``, ``*Integer``) count as int8; in QDQ graphs a node whose
+    non-constant inputs all come from DequantizeLinear counts as int8 (the runtime fuses it).
+    Q/DQ nodes are ``boundary_ops``; pure layout ops (Reshape, Transpose, ...) are ``layout_ops``."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {i.name for i in g.initializer}
+    q: Counter[str] = Counter()
+    f: Counter[str] = Counter()
+    boundary = layout = 0
+    for n in g.node:
+        t = n.op_type
+        if t in BOUNDARY:
+            boundary += 1
+        elif t.startswith("QLinear") or t in INTEGER_OPS:
+            q[t] += 1
+        elif t in LAYOUT_OPS or t == "Constant":
+            layout += 1
+        else:
+            ins = [i for i in n.input if i and i not in inits]
+            srcs = [producer.get(i) for i in ins]
+            if ins and all(s is not None and s.op_type == "DequantizeLinear" for s in srcs):
+                q[t] += 1
+            else:
+                f[t] += 1
+    return {
+        "int8_ops": int(sum(q.values())),
+        "float_ops": int(sum(f.values())),
+        "boundary_ops": boundary,
+        "layout_ops": layout,
+        "float_op_types": sorted(f),
+        "op_counts": {"quantized": dict(sorted(q.items())), "float": dict(sorted(f.items()))},
+    }
+
+
+class ONNXTarget(Target):
+    name = "onnx"
+    runtime = "onnxruntime"
+    suffix = ".onnx"
+    precisions = ("fp32", "fp16", "dynamic", "int8")
+    not_supported = {
+        "bf16": "onnxruntime's CPU provider has no bf16 convolution kernels (use openvino bf16)",
+        "int16x8": "16-bit activation quantisation is not run by onnxruntime's CPU kernels (use tflite int16x8)",
+    }
+    options = {
+        "opset": DEFAULT_OPSET,
+        "onnx_format": "qoperator",
+        "onnx_activations": "u8",
+        "onnx_weights": "s8",
+        "onnx_per_channel": True,
+        "onnx_reduce_range": False,
+    }
+    option_help = {
+        "opset": f"ONNX opset of the export (>= {MIN_OPSET})",
+        "onnx_format": "int8 graph form: qoperator (QLinearConv...) or qdq (Quantize/DequantizeLinear pairs)",
+        "onnx_activations": "int8 activation type: u8 or s8",
+        "onnx_weights": "int8 weight type: s8 or u8",
+        "onnx_per_channel": "per-channel weight scales",
+        "onnx_reduce_range": "7-bit weights (for x86 CPUs without VNNI, where U8S8 can saturate)",
+    }
+
+    def build(self, ctx: BuildContext, precision: str, out: Path) -> Built:
+        src = ctx.source
+        opset = int(ctx.options.get("opset", DEFAULT_OPSET))
+        export = src.export_onnx(ctx.workdir, opset)
+        dst = out / MODEL_FILE
+        warnings: list[str] = []
+        quant: dict[str, Any] | None = None
+        calib_block: dict[str, Any] | None = None
+        if precision == "fp32":
+            shutil.copyfile(export, dst)
+        elif precision == "fp16":
+            import onnx
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            m16 = convert_float_to_float16(onnx.load(str(export)), keep_io_types=True)
+            onnx.save(m16, str(dst))
+            quant = {"scheme": "float16", "io": "float32", "tool": "onnxruntime.transformers.float16"}
+        elif precision == "dynamic":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            pre = self._preprocessed(export, ctx.workdir)
+            per_channel = bool(ctx.options.get("onnx_per_channel", True))
+            quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
+                             reduce_range=bool(ctx.options.get("onnx_reduce_range", False)))
+            quant = {"scheme": "dynamic", "weights": "int8", "per_channel": per_channel,
+                     "activations": "uint8, quantised at run time", "tool": "onnxruntime.quantization.quantize_dynamic"}
+        elif precision == "int8":
+            quant, calib_block, warn = self._static(ctx, export, dst)
+            warnings += warn
+        else:  # pragma: no cover - guarded by unsupported()
+            raise ConversionError(f"onnx: unsupported precision {precision}")
+        ops = self.count_ops(dst)
+        if precision == "int8" and ops and ops["float_ops"]:
+            warnings.append(f"{ops['float_ops']} op(s) run in float: {', '.join(ops['float_op_types'])}")
+        return Built(model_file=MODEL_FILE, quantization=quant, calibration=calib_block, ops=ops,
+                     warnings=warnings, files=[MODEL_FILE], runtime_options={})
+
+    @staticmethod
+    def _preprocessed(export: Path, workdir: Path) -> Path:
+        """``quant_pre_process``: ORT graph optimisation (e.g. BatchNorm folding) + shape inference."""
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        pre = Path(workdir) / (export.stem + "-pre.onnx")
+        if not pre.is_file():
+            try:
+                quant_pre_process(str(export), str(pre), skip_symbolic_shape=True)
+            except Exception as exc:
+                raise ConversionError(f"{export}: onnxruntime quant_pre_process failed ({exc})") from exc
+        return pre
+
+    def _static(self, ctx: BuildContext, export: Path, dst: Path) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+        import onnx
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+
+        o = ctx.options
+        fmt = str(o.get("onnx_format", "qoperator")).lower()
+        formats = {"qoperator": QuantFormat.QOperator, "qdq": QuantFormat.QDQ}
+        types = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
+        act = str(o.get("onnx_activations", "u8")).lower()
+        wt = str(o.get("onnx_weights", "s8")).lower()
+        if fmt not in formats:
+            raise ConversionError(f"--onnx-format must be qoperator or qdq, got {fmt!r}")
+        if act not in types or wt not in types:
+            raise ConversionError(f"--onnx-activations/--onnx-weights must be u8 or s8, got {act!r}/{wt!r}")
+        method, warn = resolve_method("ort", ctx.calib_method)
+        warnings = [warn] if warn else []
+        cs = ctx.calib()
+        pre = self._preprocessed(export, ctx.workdir)
+        g = onnx.load(str(pre), load_external_data=False).graph
+        inits = {i.name for i in g.initializer}
+        input_name = [i.name for i in g.input if i.name not in inits][0]
+        batch = 16
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self._it = iter(cs.batches(batch))
+
+            def get_next(self) -> dict[str, Any] | None:
+                xb = next(self._it, None)
+                return None if xb is None else {input_name: xb}
+
+            def rewind(self) -> None:
+                self._it = iter(cs.batches(batch))
+
+        per_channel = bool(o.get("onnx_per_channel", True))
+        reduce_range = bool(o.get("onnx_reduce_range", False))
+        cm = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}[method]
+        try:
+            quantize_static(str(pre), str(dst), Reader(), quant_format=formats[fmt], per_channel=per_channel,
+                            reduce_range=reduce_range, activation_type=types[act], weight_type=types[wt],
+                            calibrate_method=cm)
+        except Exception as exc:
+            raise ConversionError(f"{export}: onnxruntime static quantisation failed "
+                                  f"({type(exc).__name__}: {exc})") from exc
+        quant = {"scheme": "static", "format": fmt, "activations": f"{act} per-tensor", "weights": wt,
+                 "per_channel": per_channel, "reduce_range": reduce_range,
+                 "tool": "onnxruntime.quantization.quantize_static", "preprocess": "quant_pre_process"}
+        return quant, cs.manifest(method, "onnxruntime"), warnings
+
+    def count_ops(self, model_file: Path) -> dict[str, Any] | None:
+        return onnx_ops(model_file)
+
+
+register(ONNXTarget())

@@ -1,0 +1,213 @@
+"""OpenVINO IR via ``openvino.convert_model`` (from the ONNX export, or the SavedModel).
+
+* fp32: f32 IR, run with ``INFERENCE_PRECISION_HINT`` f32 (explicitly: on CPUs with
+  AVX-512 bf16 / AMX OpenVINO otherwise runs "fp32" models in bf16);
+* bf16: f32 IR, run with the bf16 hint (CPUs with native bf16);
+* fp16: FP16-compressed weights (``compress_to_fp16``), computed in f32 unless
+  ``openvino_fp16_compute`` says f16 (x86 CPUs without AVX512-FP16 map f16 to bf16);
+* int8: ``nncf.quantize`` on the calibration set, or, with ``max_drop``,
+  ``nncf.quantize_with_accuracy_control`` on the validation split (layers are reverted to
+  float until the accuracy drop is within ``max_drop``).
+
+``runtime_options.inference_precision`` is written to the manifest; the edge runner
+(edgebrain.runtime.OpenVINORunner) applies it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgebrain.calibration import resolve_method
+
+from .base import BuildContext, Built, ConversionError, Target
+from .registry import register
+from .source import DEFAULT_OPSET
+
+MODEL_FILE = "model.xml"
+WEIGHTS_FILE = "model.bin"
+NON_COMPUTE = {"Input", "Parameter", "Output", "Result", "Const", "Constant", "Reorder"}
+QUANT_PRECISIONS = {"i8", "u8", "i4", "u4"}
+
+
+def openvino_ops(xml: Path, inference_precision: str = "f32") -> dict[str, Any]:
+    """Count the ops of the *compiled* model (what the CPU plugin really executes) by their
+    runtime precision: ``int8_ops`` run in i8/u8, ``float_ops`` in f32/bf16/f16."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": inference_precision})
+    q: Counter[str] = Counter()
+    f: Counter[str] = Counter()
+    precisions: Counter[str] = Counter()
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        kind = info["layerType"].astype(str)
+        prec = info["runtimePrecision"].astype(str).lower()
+        if kind in NON_COMPUTE:
+            continue
+        precisions[prec] += 1
+        if prec in QUANT_PRECISIONS:
+            q[kind] += 1
+        else:
+            f[kind] += 1
+    fq = sum(1 for op in ov.Core().read_model(str(xml)).get_ops() if op.get_type_name() == "FakeQuantize")
+    return {
+        "int8_ops": int(sum(q.values())),
+        "float_ops": int(sum(f.values())),
+        "float_op_types": sorted(f),
+        "fake_quantize_nodes": fq,
+        "runtime_precisions": dict(sorted(precisions.items())),
+        "op_counts": {"quantized": dict(sorted(q.items())), "float": dict(sorted(f.items()))},
+        "counted_on": f"CPU plugin, INFERENCE_PRECISION_HINT={inference_precision}",
+    }
+
+
+class OpenVINOTarget(Target):
+    name = "openvino"
+    runtime = "openvino"
+    suffix = ".xml"
+    precisions = ("fp32", "fp16", "bf16", "int8")
+    not_supported = {
+        "dynamic": "OpenVINO has no dynamic-range quantisation (use int8, calibrated)",
+        "int16x8": "OpenVINO's CPU plugin has no 16-bit activation quantisation",
+    }
+    options = {
+        "openvino_from": "onnx",
+        "nncf_preset": "performance",
+        "max_drop": None,
+        "openvino_fp16_compute": "f32",
+    }
+    option_help = {
+        "openvino_from": "what convert_model reads: onnx (the tf2onnx export / ONNX source) or saved_model",
+        "nncf_preset": "NNCF preset: performance (symmetric activations) or mixed (asymmetric activations)",
+        "max_drop": "int8 with accuracy control: largest allowed absolute top-1 drop on the validation split "
+                    "(0.005 = 0.5 pp); layers are reverted to float until it holds",
+        "openvino_fp16_compute": "compute precision for fp16 (compressed-weight) IR: f32 or f16",
+    }
+
+    # ------------------------------------------------------------------ IR
+
+    def _ov_model(self, ctx: BuildContext) -> Any:
+        import openvino as ov
+
+        src = ctx.source
+        how = str(ctx.options.get("openvino_from", "onnx")).lower()
+        try:
+            if how == "onnx" or not src.is_keras:
+                return ov.convert_model(str(src.export_onnx(ctx.workdir, int(ctx.options.get("opset",
+                                                                                               DEFAULT_OPSET)))))
+            if how == "saved_model":
+                return ov.convert_model(str(self._saved_model(ctx)))
+        except ConversionError:
+            raise
+        except Exception as exc:
+            raise ConversionError(f"{src.path}: openvino.convert_model failed ({type(exc).__name__}: {exc})") from exc
+        raise ConversionError(f"--openvino-from must be onnx or saved_model, got {how!r}")
+
+    @staticmethod
+    def _saved_model(ctx: BuildContext) -> Path:
+        from edgebrain.tfenv import import_tf
+
+        tf = import_tf()
+        d = Path(ctx.workdir) / "saved_model"
+        if not (d / "saved_model.pb").is_file():
+            fn = ctx.source.tf_function()
+            module = tf.Module()
+            module.model = ctx.source.model
+            module.serve = fn
+            tf.saved_model.save(module, str(d), signatures={"serving_default": fn.get_concrete_function()})
+        return d
+
+    # ------------------------------------------------------------------ build
+
+    def build(self, ctx: BuildContext, precision: str, out: Path) -> Built:
+        import openvino as ov
+
+        model = self._ov_model(ctx)
+        xml = out / MODEL_FILE
+        warnings: list[str] = []
+        quant: dict[str, Any] | None = None
+        calib_block: dict[str, Any] | None = None
+        runtime = {"inference_precision": "f32"}
+        compress = False
+        if precision == "fp32":
+            pass
+        elif precision == "bf16":
+            runtime = {"inference_precision": "bf16"}
+            quant = {"scheme": "bf16 compute", "weights": "f32 in the IR"}
+        elif precision == "fp16":
+            compute = str(ctx.options.get("openvino_fp16_compute", "f32")).lower()
+            if compute not in ("f32", "f16"):
+                raise ConversionError(f"--openvino-fp16-compute must be f32 or f16, got {compute!r}")
+            compress = True
+            runtime = {"inference_precision": compute}
+            quant = {"scheme": "fp16-compressed weights", "compute": compute}
+        elif precision == "int8":
+            model, quant, calib_block, warn = self._int8(ctx, model)
+            warnings += warn
+        else:  # pragma: no cover - guarded by unsupported()
+            raise ConversionError(f"openvino: unsupported precision {precision}")
+        ov.save_model(model, str(xml), compress_to_fp16=compress)
+        ops = openvino_ops(xml, runtime["inference_precision"])
+        if precision == "int8" and ops["float_ops"]:
+            warnings.append(f"{ops['float_ops']} op(s) run in float: {', '.join(ops['float_op_types'])}")
+        return Built(model_file=MODEL_FILE, quantization=quant, calibration=calib_block, ops=ops,
+                     runtime_options=runtime, warnings=warnings, files=[MODEL_FILE, WEIGHTS_FILE])
+
+    def _int8(self, ctx: BuildContext, model: Any) -> tuple[Any, dict[str, Any], dict[str, Any], list[str]]:
+        import logging
+
+        import nncf
+
+        nncf.set_log_level(logging.ERROR)
+        o = ctx.options
+        preset_name = str(o.get("nncf_preset", "performance")).lower()
+        presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
+        if preset_name not in presets:
+            raise ConversionError(f"--nncf-preset must be performance or mixed, got {preset_name!r}")
+        method, warn = resolve_method("nncf", ctx.calib_method)
+        warnings = [warn] if warn else []
+        cs = ctx.calib()
+        calib_ds = nncf.Dataset(cs.batches(1))
+        max_drop = o.get("max_drop")
+        quant: dict[str, Any] = {"scheme": "static", "tool": "nncf", "preset": preset_name,
+                                 "subset_size": len(cs), "fast_bias_correction": True,
+                                 "weights": "int8 per-channel (symmetric)",
+                                 "activations": "int8 per-tensor " + ("(symmetric)" if preset_name == "performance"
+                                                                      else "(asymmetric)")}
+        try:
+            if max_drop is None:
+                qm = nncf.quantize(model, calib_ds, preset=presets[preset_name], subset_size=len(cs),
+                                   fast_bias_correction=True)
+                quant["method"] = "nncf.quantize"
+            else:
+                if ctx.validation is None:
+                    raise ConversionError("--max-drop needs a validation split (a model card with a data root, "
+                                          "or --data DIR)")
+                xv, yv = ctx.validation()
+                items = [(xv[i : i + 1], int(yv[i])) for i in range(len(xv))]
+                val_ds = nncf.Dataset(items, lambda item: item[0])
+
+                def validate(compiled: Any, data: Any) -> tuple[float, list[float]]:
+                    out = compiled.output(0)
+                    per = [float(np.argmax(compiled(x)[out], axis=-1)[0] == y) for x, y in data]
+                    return float(np.mean(per)) if per else 0.0, per
+
+                qm = nncf.quantize_with_accuracy_control(
+                    model, calib_ds, val_ds, validate, max_drop=float(max_drop),
+                    drop_type=nncf.DropType.ABSOLUTE, preset=presets[preset_name], subset_size=len(cs),
+                    fast_bias_correction=True)
+                quant.update({"method": "nncf.quantize_with_accuracy_control", "max_drop": float(max_drop),
+                              "drop_type": "absolute", "validation": {"split": "val", "n": len(items)}})
+        except ConversionError:
+            raise
+        except Exception as exc:
+            raise ConversionError(f"{ctx.source.path}: NNCF quantisation failed ({type(exc).__name__}: {exc})") from exc
+        return qm, quant, cs.manifest(f"nncf-{preset_name}", "nncf"), warnings
+
+
+register(OpenVINOTarget())

@@ -1,0 +1,165 @@
+"""TFLite / LiteRT: fp32, fp16, dynamic-range, full-integer int8 and 16x8, with
+``tf.lite.TFLiteConverter``. Int8 models are inspected op by op (LiteRT interpreter
+``_get_ops_details``) so that any op left in float is listed in the manifest."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgebrain.calibration import resolve_method
+
+from .base import BuildContext, Built, ConversionError, Target
+from .registry import register
+
+MODEL_FILE = "model.tflite"
+# Ops that only move data between float and integer at the model's edges.
+BOUNDARY_OPS = {"QUANTIZE", "DEQUANTIZE"}
+FLOAT_TYPES = {"float32", "float16", "float64"}
+QUANT_TYPES = {"int8", "uint8", "int16"}
+
+
+def tflite_ops(model: bytes | Path) -> dict[str, Any]:
+    """Count the ops of a .tflite model by the dtypes they compute in.
+
+    ``int8_ops``: ops whose activations are int8/uint8/int16; ``float_ops``: ops computing in
+    float (QUANTIZE/DEQUANTIZE at the edges are counted separately as ``boundary_ops``)."""
+    from edgebrain.runtime import tflite_interpreter_class
+
+    Interpreter, _ = tflite_interpreter_class()
+    interp = (Interpreter(model_content=model) if isinstance(model, (bytes, bytearray))
+              else Interpreter(model_path=str(model)))
+    tensors = {d["index"]: d for d in interp.get_tensor_details()}
+    int8_types: Counter[str] = Counter()
+    float_types: Counter[str] = Counter()
+    boundary = 0
+    for op in interp._get_ops_details():
+        name = op["op_name"]
+        if name in BOUNDARY_OPS:
+            boundary += 1
+            continue
+        acts = [np.dtype(tensors[i]["dtype"]).name for i in list(op["inputs"]) + list(op["outputs"])
+                if i >= 0 and i in tensors]
+        # int32 tensors are biases/shapes/indices; classify by the activations.
+        if any(t in FLOAT_TYPES for t in acts):
+            float_types[name] += 1
+        elif any(t in QUANT_TYPES for t in acts):
+            int8_types[name] += 1
+        else:
+            float_types[name] += 1  # int32-only ops (shape arithmetic) count as not quantised
+    return {
+        "int8_ops": int(sum(int8_types.values())),
+        "float_ops": int(sum(float_types.values())),
+        "boundary_ops": boundary,
+        "float_op_types": sorted(float_types),
+        "op_counts": {"quantized": dict(sorted(int8_types.items())), "float": dict(sorted(float_types.items()))},
+    }
+
+
+class TFLiteTarget(Target):
+    name = "tflite"
+    runtime = "ai-edge-litert (LiteRT)"
+    suffix = ".tflite"
+    precisions = ("fp32", "fp16", "dynamic", "int8", "int16x8")
+    source_formats = ("tf-keras", "keras3")
+    not_supported = {"bf16": "TFLite has no bf16 model type"}
+    options = {"tflite_io": "float", "tflite_float_fallback": True}
+    option_help = {
+        "tflite_io": "int8 model inputs/outputs: 'float' (QUANTIZE/DEQUANTIZE inside the model) or 'int8' "
+                     "(fully integer; the runner quantises the input)",
+        "tflite_float_fallback": "if an op has no int8 kernel, keep it in float (listed in the manifest) "
+                                 "instead of failing",
+    }
+
+    def unsupported(self, precision: str, source_format: str) -> str | None:
+        if source_format == "onnx" and precision in self.precisions:
+            return "an ONNX source converts to the onnx and openvino targets only (no ONNX -> TFLite path)"
+        return super().unsupported(precision, source_format)
+
+    def build(self, ctx: BuildContext, precision: str, out: Path) -> Built:
+        from edgebrain.tfenv import import_tf
+
+        tf = import_tf()
+        src = ctx.source
+        io = str(ctx.options.get("tflite_io", "float")).lower()
+        if io not in ("float", "int8"):
+            raise ConversionError(f"--tflite-io must be float or int8, got {io!r}")
+        warnings: list[str] = []
+        quant: dict[str, Any] | None = None
+        calib_block: dict[str, Any] | None = None
+
+        def representative(c: Any) -> dict[str, Any]:
+            cs = ctx.calib()
+            method, warn = resolve_method("tflite", ctx.calib_method)
+            if warn:
+                warnings.append(warn)
+
+            def gen() -> Any:
+                for xb in cs.batches(1):
+                    yield [xb]
+
+            c.representative_dataset = gen
+            return cs.manifest(method, "tflite")
+
+        c = tf.lite.TFLiteConverter.from_keras_model(src.model)
+        if precision == "fp32":
+            pass
+        elif precision == "fp16":
+            c.optimizations = [tf.lite.Optimize.DEFAULT]
+            c.target_spec.supported_types = [tf.float16]
+            quant = {"scheme": "float16 weights", "compute": "float32 (weights dequantised at load on CPU)"}
+        elif precision == "dynamic":
+            c.optimizations = [tf.lite.Optimize.DEFAULT]
+            quant = {"scheme": "dynamic range", "weights": "int8 per-channel", "activations": "float, "
+                     "quantised on the fly per op"}
+        elif precision == "int8":
+            c.optimizations = [tf.lite.Optimize.DEFAULT]
+            calib_block = representative(c)
+            c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            if io == "int8":
+                c.inference_input_type = tf.int8
+                c.inference_output_type = tf.int8
+            quant = {"scheme": "full integer", "weights": "int8 per-channel (symmetric)",
+                     "activations": "int8 per-tensor (asymmetric)", "io": io, "float_fallback": False}
+        elif precision == "int16x8":
+            c.optimizations = [tf.lite.Optimize.DEFAULT]
+            calib_block = representative(c)
+            c.target_spec.supported_ops = [
+                tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+            quant = {"scheme": "16x8", "weights": "int8", "activations": "int16", "io": "float",
+                     "float_fallback": False}
+        else:  # pragma: no cover - guarded by unsupported()
+            raise ConversionError(f"tflite: unsupported precision {precision}")
+
+        try:
+            blob = c.convert()
+        except Exception as exc:
+            if precision not in ("int8", "int16x8") or not ctx.options.get("tflite_float_fallback", True):
+                raise ConversionError(f"{src.path}: TFLite conversion to {precision} failed "
+                                      f"({type(exc).__name__}: {str(exc)[:800]})") from exc
+            # Some op has no integer kernel: allow float builtins and say which ops stayed float.
+            c.target_spec.supported_ops = list(c.target_spec.supported_ops) + [tf.lite.OpsSet.TFLITE_BUILTINS]
+            try:
+                blob = c.convert()
+            except Exception as exc2:
+                raise ConversionError(f"{src.path}: TFLite conversion to {precision} failed "
+                                      f"({type(exc2).__name__}: {str(exc2)[:800]})") from exc2
+            assert quant is not None
+            quant["float_fallback"] = True
+            warnings.append(f"full-integer {precision} was not possible ({str(exc).splitlines()[0][:200]}); "
+                            "ops without integer kernels stay in float (see ops.float_op_types)")
+        (out / MODEL_FILE).write_bytes(blob)
+        ops = self.count_ops(out / MODEL_FILE)
+        if precision in ("int8", "int16x8") and ops and ops["float_ops"]:
+            warnings.append(f"{ops['float_ops']} op(s) run in float: {', '.join(ops['float_op_types'])}")
+        return Built(model_file=MODEL_FILE, quantization=quant, calibration=calib_block, ops=ops,
+                     warnings=warnings, files=[MODEL_FILE])
+
+    def count_ops(self, model_file: Path) -> dict[str, Any] | None:
+        return tflite_ops(model_file)
+
+
+register(TFLiteTarget())

@@ -1,0 +1,159 @@
+"""``edgebrain convert MODEL --to T1,T2 --precision P1,P2 --out DIR``."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import EdgebrainError
+
+
+def _command_line() -> str | None:
+    prog = Path(sys.argv[0]).name if sys.argv else ""
+    if prog in ("edgebrain", "__main__.py"):
+        return "edgebrain " + shlex.join(sys.argv[1:])
+    return None  # called in-process (tests, notebooks): the API writes the equivalent command
+
+
+@click.command(name="convert")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--to", "targets", required=True, help="Targets, comma-separated: tflite,onnx,openvino.")
+@click.option("--precision", "precisions", required=True,
+              help="Precisions, comma-separated: fp32,fp16,int8,bf16,dynamic,int16x8. A precision a target "
+                   "does not offer is skipped with its reason.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Output folder: one sub-folder per (target, precision).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration images: a dataset in the Kaggle layout, one folder per class, or a flat folder. "
+                   "Default: the calibration split recomputed from the model card.")
+@click.option("--calib-size", type=int, default=256, show_default=True, help="Calibration images (stratified).")
+@click.option("--calib-seed", type=int, default=0, show_default=True, help="Seed of the calibration sample.")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile", "distribution"]),
+              default=None, help="onnxruntime calibration method (default minmax; TFLite and NNCF use min/max).")
+@click.option("--allow-overlap", is_flag=True,
+              help="Proceed (with a loud warning in the manifest) when calibration images are in Testing.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Dataset root (Kaggle layout) when the model card's data root is missing or moved.")
+@click.option("--prune", type=float, default=None, help="Magnitude-prune to this sparsity first (e.g. 0.5).")
+@click.option("--prune-epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs while pruning.")
+@click.option("--prune-2x4", is_flag=True, help="2:4 structured sparsity instead of unstructured.")
+@click.option("--prune-lr", type=float, default=1e-4, show_default=True, help="Fine-tuning learning rate.")
+@click.option("--prune-min-params", type=int, default=1024, show_default=True,
+              help="Leave layers with fewer prunable weights dense.")
+@click.option("--prune-per-class", type=int, default=None, help="Fine-tune on a stratified subset (quick runs).")
+@click.option("--preprocess", default=None,
+              help="For a model without a model card: rescale | xception | caffe | imagenet | meanstd:M,M,M/S,S,S.")
+@click.option("--classes", default=None, help="For a model without a model card: class names, comma-separated.")
+@click.option("--verify-n", type=int, default=None,
+              help="Verify on this many validation images (default: the whole validation split).")
+@click.option("--min-agreement", type=float, default=0.99, show_default=True,
+              help="Reject an artifact whose top-1 agreement with the source is below this.")
+@click.option("--no-verify", is_flag=True, help="Skip verification (the manifest says so).")
+@click.option("--unsafe", is_flag=True, help="Allow Lambda layers / arbitrary code in the model file.")
+@click.option("--overwrite", is_flag=True, help="Replace existing artifact folders.")
+@click.option("--threads", type=int, default=None, help="Threads for the verification runners.")
+# target options (defaults live with each target; see docs/convert.md)
+@click.option("--tflite-io", type=click.Choice(["float", "int8"]), default=None,
+              help="TFLite int8 input/output type (default float).")
+@click.option("--tflite-float-fallback/--no-tflite-float-fallback", default=None,
+              help="Keep ops without int8 kernels in float (listed in the manifest) instead of failing (default on).")
+@click.option("--opset", type=int, default=None, help="ONNX opset (>= 13, default 17).")
+@click.option("--onnx-format", type=click.Choice(["qoperator", "qdq"]), default=None,
+              help="ONNX int8 form (default qoperator).")
+@click.option("--onnx-activations", type=click.Choice(["u8", "s8"]), default=None,
+              help="ONNX int8 activations (default u8).")
+@click.option("--onnx-weights", type=click.Choice(["s8", "u8"]), default=None, help="ONNX int8 weights (default s8).")
+@click.option("--onnx-per-channel/--onnx-per-tensor", default=None, help="ONNX weight scales (default per-channel).")
+@click.option("--onnx-reduce-range", is_flag=True, default=None,
+              help="7-bit ONNX weights (x86 CPUs without VNNI).")
+@click.option("--openvino-from", type=click.Choice(["onnx", "saved_model"]), default=None,
+              help="What openvino.convert_model reads (default onnx).")
+@click.option("--nncf-preset", type=click.Choice(["performance", "mixed"]), default=None,
+              help="NNCF quantisation preset (default performance).")
+@click.option("--max-drop", type=float, default=None,
+              help="OpenVINO int8 with accuracy control: max absolute top-1 drop on the validation split "
+                   "(0.005 = 0.5 pp).")
+@click.option("--openvino-fp16-compute", type=click.Choice(["f32", "f16"]), default=None,
+              help="Compute precision of OpenVINO fp16 (compressed-weight) IR (default f32).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def command(model: Path, targets: str, precisions: str, out: Path, as_json: bool, **kw: Any) -> None:
+    """Convert MODEL (a model folder or .keras/.h5/SavedModel from `edgebrain train`, a Keras 3
+    .keras file, or an .onnx file) to TFLite, ONNX and OpenVINO at the given precisions.
+
+    \b
+    Each artifact folder holds the model file and manifest.json: source and artifact sha256,
+    quantisation settings, the calibration manifest, preprocessing and classes (from the model
+    card), op counts, verification against the source, tool versions and this command line.
+    bench, predict and gate read it: no flag is repeated downstream.
+
+    \b
+    Every artifact is verified right after it is written; one below --min-agreement is moved
+    to <name>.rejected and the command exits 1. Calibration images that share content with the
+    evaluation set (Testing) are refused unless --allow-overlap.
+
+    \b
+    Examples:
+      edgebrain convert runs/lite --to tflite,onnx,openvino --precision fp32,int8 --out artifacts/lite
+      edgebrain convert runs/lite --to tflite --precision int8 --prune 0.5 --out artifacts/lite-sparse
+      edgebrain convert other.onnx --to onnx,openvino --precision int8 --calib calib_imgs/ \\
+          --preprocess imagenet --classes glioma,meningioma,notumor,pituitary --out artifacts/other
+    """
+    from ..convert import ConvertFailed, convert
+
+    kw = {k: v for k, v in kw.items()}
+    try:
+        arts = convert(model, targets, precisions, out, command=_command_line(), **kw)
+        failed = None
+    except ConvertFailed as exc:
+        arts, failed = exc.artifacts, exc
+    except EdgebrainError as exc:
+        raise click.ClickException(str(exc)) from exc
+    from ..io import read_json
+
+    summary = read_json(out / "convert_summary.json")
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        _print(summary)
+    if failed is not None:
+        click.echo(f"error: {failed}", err=True)
+        raise SystemExit(1)
+    if not arts:
+        raise SystemExit(1)
+
+
+def _fmt_mb(n: Any) -> str:
+    return f"{n / 1e6:.2f} MB" if isinstance(n, (int, float)) else "-"
+
+
+def _print(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    t = Table(title=f"edgebrain convert: {summary['source']['path']}")
+    for col in ("artifact", "status", "size", "gzip", "agreement", "max |dp|", "int8 ops", "float ops"):
+        t.add_column(col, justify="left" if col in ("artifact", "status") else "right")
+    for r in summary["artifacts"]:
+        v = r.get("verification") or {}
+        ops = r.get("ops") or {}
+        ag = v.get("top1_agreement")
+        dp = v.get("max_abs_dp")
+        t.add_row(r["path"], "[green]ok[/]" if r["status"] == "ok" else "[red]REJECTED[/]",
+                  _fmt_mb(r.get("size_bytes")), _fmt_mb(r.get("gzip_bytes")),
+                  "-" if ag is None else f"{ag:.4f}", "-" if dp is None else f"{dp:.2e}",
+                  str(ops.get("int8_ops", "-")), str(ops.get("float_ops", "-")))
+    con.print(t)
+    for s in summary["skipped"]:
+        con.print(f"[yellow]skipped[/] {s['target']} {s['precision']}: {s['reason']}", markup=True)
+    for f in summary["failed"]:
+        con.print(f"[red]failed[/] {f['target']} {f['precision']}: ", end="")
+        con.print(f["error"], markup=False)
+    for w in summary.get("warnings", []):
+        con.print(f"[yellow]warning[/] ", end="")
+        con.print(w, markup=False)

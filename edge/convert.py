@@ -1,0 +1,562 @@
+"""``edgebrain convert``: prune, quantise and convert a model into verified artifact folders.
+
+One folder per (target, precision) under ``out``: the model file(s) plus ``manifest.json``
+(source and artifact sha256, quantisation settings, the calibration manifest, pruning
+report, preprocessing and classes from the model card, op counts, verification against the
+source model, tool versions and the command line). Every artifact is verified right after
+it is written: the validation split (or ``verify_n`` images of it) runs through the
+artifact's edge runner and through the source model; an artifact whose top-1 agreement is
+below ``min_agreement`` is moved aside to ``<name>.rejected`` (its manifest says so, and
+``load_manifest`` refuses it) and the command fails.
+
+Folders are built under temporary names and renamed when complete (edgebrain.io.atomic_dir):
+a killed conversion never leaves a folder that looks like a finished artifact.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shlex
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import data as D
+from .artifact import Artifact, load_manifest, write_manifest
+from .errors import DataError, EdgebrainError
+from .io import atomic_dir, atomic_write_json, environment_facts, sha256_file
+from .progress import enabled
+
+if TYPE_CHECKING:
+    from edgebrain.calibration import CalibrationSet
+    from edgebrain.converters.base import Built, Target
+    from edgebrain.converters.source import Source
+
+DEFAULT_CALIB_SIZE = 256
+DEFAULT_CALIB_SEED = 0
+DEFAULT_MIN_AGREEMENT = 0.99
+DEFAULT_PRUNE_EPOCHS = 2
+FP32_MAX_DP = 1e-3  # an fp32 artifact must reproduce the source's probabilities this closely
+SUMMARY = "convert_summary.json"
+CALIB_LIST = "calibration_list.txt"
+
+
+class ConvertFailed(EdgebrainError):
+    """Some artifacts were rejected by verification or could not be built."""
+
+    def __init__(self, message: str, summary: dict[str, Any], artifacts: list[Artifact]) -> None:
+        super().__init__(message)
+        self.summary = summary
+        self.artifacts = artifacts
+
+
+@dataclass
+class _Job:
+    target: Target
+    precision: str
+    dirname: str
+
+
+def _say(msg: str) -> None:
+    if enabled():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _as_list(v: str | Sequence[str]) -> list[str]:
+    items = v.split(",") if isinstance(v, str) else list(v)
+    out: list[str] = []
+    for i in items:
+        i = str(i).strip().lower()
+        if i and i not in out:
+            out.append(i)
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def cli_equivalent(model: Any, targets: list[str], precisions: list[str], out: Any, kw: dict[str, Any]) -> str:
+    """The ``edgebrain convert`` command line equivalent to a Python API call."""
+    parts = ["edgebrain", "convert", str(model), "--to", ",".join(targets), "--precision", ",".join(precisions),
+             "--out", str(out)]
+    for k, v in kw.items():
+        if v is None or v is False:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            parts.append(flag)
+        elif isinstance(v, (list, tuple)):
+            parts += [flag, ",".join(str(i) for i in v)]
+        else:
+            parts += [flag, str(v)]
+    return shlex.join(parts)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class _Data:
+    """The model's dataset (card data root or --data), its splits, loaded lazily."""
+
+    def __init__(self, src: Source, data: str | Path | None) -> None:
+        card = src.card
+        cd = card.data if card is not None else {}
+        self.root: Path | None = Path(data) if data is not None else (Path(cd["root"]) if cd.get("root") else None)
+        self.seed = int(cd.get("split_seed", 42))
+        self.fractions = dict(cd.get("fractions") or D.DEFAULT_FRACTIONS)
+        self.expected_hash = cd.get("manifest_hash")
+        self.warnings: list[str] = []
+        self._ds: D.Dataset | None = None
+        self._splits: dict[str, list[D.Sample]] | None = None
+        if self.root is not None and not (self.root / "Training").is_dir():
+            msg = f"dataset root {self.root} (from {'--data' if data else 'the model card'}) has no Training/ folder"
+            if data is not None:
+                raise DataError(msg)
+            self.warnings.append(msg + ": pass --data DIR to calibrate/verify on the model's own splits")
+            self.root = None
+
+    @property
+    def available(self) -> bool:
+        return self.root is not None
+
+    def dataset(self) -> D.Dataset:
+        assert self.root is not None
+        if self._ds is None:
+            self._ds = D.scan(self.root)
+            if self.expected_hash and self._ds.manifest_hash != self.expected_hash:
+                self.warnings.append(
+                    f"{self.root}: dataset content differs from the one in the model card (manifest hash); the "
+                    "recomputed splits may not be the ones the model was trained with")
+        return self._ds
+
+    def splits(self) -> dict[str, list[D.Sample]]:
+        if self._splits is None:
+            self._splits = D.splits_for(self.dataset(), self.seed, self.fractions)
+        return self._splits
+
+    def arrays(self, split: str, size: tuple[int, int], n: int | None = None,
+               per_class: int | None = None, seed: int = 0) -> D.Arrays:
+        samples = self.splits()[split]
+        if per_class:
+            samples = D.subset(samples, per_class, seed)
+        if n is not None and n < len(samples):
+            from edgebrain.calibration import stratified_sample
+
+            samples = stratified_sample(samples, n, seed)
+        arr = D.load_arrays(samples, size, desc=split)
+        for p, r in arr.failed:
+            self.warnings.append(f"{split} image skipped: {p}: {r}")
+        return arr
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+@dataclass
+class _VerifySet:
+    x: np.ndarray
+    y: np.ndarray | None
+    split: str
+    ref: np.ndarray  # source probabilities
+    note: str | None = None
+
+
+def _verify_set(src: Source, data: _Data, verify_n: int | None, calib: CalibrationSet | None) -> _VerifySet:
+    spec = src.spec
+    if data.available:
+        arr = data.arrays("val", spec.size, n=verify_n)
+        if len(arr.x):
+            x = spec.apply(arr.x).astype(np.float32)
+            return _VerifySet(x, arr.y, "val", src.predict(x))
+    if calib is not None and len(calib):
+        x = calib.x if verify_n is None else calib.x[:verify_n]
+        y = calib.y[: len(x)] if (calib.y >= 0).all() else None
+        return _VerifySet(x, y, "calib", src.predict(x),
+                          "verified on the calibration images (no validation split known: pass --data DIR)")
+    n = verify_n or 32
+    rng = np.random.default_rng(0)
+    pix = rng.integers(0, 256, size=(n, *spec.size, spec.channels), dtype=np.uint8)
+    x = spec.apply(pix).astype(np.float32)
+    return _VerifySet(x, None, "random-pixels", src.predict(x),
+                      "verified on random-pixel images only (no images known: pass --data DIR)")
+
+
+def _verify(art: Artifact, target: Target, vs: _VerifySet, min_agreement: float,
+            threads: int | None) -> tuple[dict[str, Any], list[str]]:
+    from .metrics import agreement
+
+    warnings: list[str] = []
+    runner = target.load(art, threads=threads)
+    outs = [np.asarray(runner.run(vs.x[i : i + 32])) for i in range(0, len(vs.x), 32)]
+    probs = np.concatenate(outs) if outs else np.zeros_like(vs.ref)
+    if probs.shape != vs.ref.shape:
+        return ({"n": int(len(vs.x)), "split": vs.split, "passed": False, "threshold": min_agreement,
+                 "error": f"output shape {probs.shape} differs from the source's {vs.ref.shape}"}, warnings)
+    ag = agreement(vs.ref, probs)
+    res: dict[str, Any] = {
+        "n": int(len(vs.x)),
+        "split": vs.split,
+        "top1_agreement": round(ag["top1_agreement"], 6),
+        "max_abs_dp": round(ag["max_abs_dp"], 6),
+        "mean_abs_dp": round(ag["mean_abs_dp"], 6),
+        "threshold": min_agreement,
+        "runtime": getattr(runner, "name", "?"),
+        "device": getattr(runner, "device", "?"),
+    }
+    if vs.note:
+        res["note"] = vs.note
+    if vs.y is not None:
+        res["source_accuracy"] = round(float(np.mean(vs.ref.argmax(1) == vs.y)), 6)
+        res["artifact_accuracy"] = round(float(np.mean(probs.argmax(1) == vs.y)), 6)
+    actual = getattr(runner, "inference_precision", None)
+    if actual is not None:
+        res["inference_precision_actual"] = actual
+        want = (art.manifest.get("runtime_options") or {}).get("inference_precision")
+        names = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+        if want and names.get(want, want) not in str(actual):
+            warnings.append(f"asked OpenVINO for {want} inference, the CPU plugin runs {actual}")
+    passed = ag["top1_agreement"] >= min_agreement
+    if art.precision == "fp32":
+        res["max_abs_dp_threshold"] = FP32_MAX_DP
+        passed = passed and ag["max_abs_dp"] <= FP32_MAX_DP
+    res["passed"] = bool(passed)
+    return res, warnings
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def _model_name(path: Path) -> str:
+    p = Path(path)
+    if p.is_dir():
+        return p.name
+    return p.parent.name if p.stem == "model" and p.parent.name else p.stem
+
+
+def convert(
+    model: str | Path,
+    targets: str | Sequence[str],
+    precisions: str | Sequence[str],
+    out: str | Path,
+    *,
+    calib: str | Path | None = None,
+    calib_size: int = DEFAULT_CALIB_SIZE,
+    calib_seed: int = DEFAULT_CALIB_SEED,
+    calib_method: str | None = None,
+    prune: float | None = None,
+    prune_epochs: int = DEFAULT_PRUNE_EPOCHS,
+    prune_2x4: bool = False,
+    prune_lr: float = 1e-4,
+    prune_min_params: int = 1024,
+    prune_per_class: int | None = None,
+    preprocess: str | None = None,
+    classes: str | Sequence[str] | None = None,
+    data: str | Path | None = None,
+    verify_n: int | None = None,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    no_verify: bool = False,
+    allow_overlap: bool = False,
+    unsafe: bool = False,
+    overwrite: bool = False,
+    threads: int | None = None,
+    command: str | None = None,
+    **options: Any,
+) -> list[Artifact]:
+    """Convert ``model`` to every (target, precision) and verify each artifact.
+
+    Returns the verified artifacts. Raises :class:`ConvertFailed` (after converting everything
+    else) when an artifact was rejected by verification or could not be built; unsupported
+    (target, precision) pairs are skipped with their reason (in ``convert_summary.json``).
+    Target options (``tflite_io``, ``onnx_format``, ``nncf_preset``, ``max_drop`` ...) are
+    keyword arguments; see :func:`target_options`.
+    """
+    from edgebrain.converters.base import CALIBRATED, PRECISIONS, ConversionError
+    from edgebrain.converters.registry import get_target
+
+    t_names = _as_list(targets)
+    p_names = _as_list(precisions)
+    if not t_names:
+        raise ConversionError("no target given (--to tflite,onnx,openvino)")
+    if not p_names:
+        raise ConversionError("no precision given (--precision fp32,fp16,int8,...)")
+    tgts = [get_target(t) for t in t_names]
+    bad = [p for p in p_names if p not in PRECISIONS]
+    if bad:
+        raise ConversionError(f"unknown precision(s) {bad}; known: {', '.join(PRECISIONS)}")
+    known = target_options()
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConversionError(f"unknown option(s) {unknown}; target options: {', '.join(sorted(known))}")
+    opts = {k: (options[k] if options.get(k) is not None else v["default"]) for k, v in known.items()}
+    if not 0.0 < min_agreement <= 1.0:
+        raise ConversionError(f"--min-agreement must be in (0, 1], got {min_agreement}")
+    if verify_n is not None and verify_n < 1:
+        raise ConversionError(f"--verify-n must be >= 1, got {verify_n}")
+    class_list: list[str] | None = None
+    if isinstance(classes, str):
+        class_list = [c.strip() for c in classes.split(",") if c.strip()] or None
+    elif classes:
+        class_list = [str(c) for c in classes]
+    if command is None:
+        command = cli_equivalent(model, t_names, p_names, out, {
+            "calib": calib, "calib_size": calib_size if calib_size != DEFAULT_CALIB_SIZE else None,
+            "calib_seed": calib_seed if calib_seed != DEFAULT_CALIB_SEED else None, "calib_method": calib_method,
+            "prune": prune, "prune_epochs": prune_epochs if prune else None, "prune_2x4": prune_2x4,
+            "preprocess": preprocess, "classes": class_list, "data": data, "verify_n": verify_n,
+            "min_agreement": min_agreement if min_agreement != DEFAULT_MIN_AGREEMENT else None,
+            "no_verify": no_verify, "allow_overlap": allow_overlap, "unsafe": unsafe, "overwrite": overwrite,
+            **{k: v for k, v in options.items() if v is not None and v != known[k]["default"]}})
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".convert-work-", dir=out))
+    try:
+        return _convert(model, tgts, p_names, out, work, calib=calib, calib_size=calib_size, calib_seed=calib_seed,
+                        calib_method=calib_method, prune=prune, prune_epochs=prune_epochs, prune_2x4=prune_2x4,
+                        prune_lr=prune_lr, prune_min_params=prune_min_params, prune_per_class=prune_per_class,
+                        preprocess=preprocess, classes=class_list, data=data, verify_n=verify_n,
+                        min_agreement=min_agreement, no_verify=no_verify, allow_overlap=allow_overlap,
+                        unsafe=unsafe, overwrite=overwrite, threads=threads, command=command, opts=opts,
+                        calibrated=CALIBRATED)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def target_options() -> dict[str, dict[str, Any]]:
+    """Every registered target's options: name -> {default, help, targets}."""
+    from edgebrain.converters.registry import TARGETS, target_names
+
+    out: dict[str, dict[str, Any]] = {}
+    for n in target_names():
+        t = TARGETS[n]
+        for k, v in t.options.items():
+            e = out.setdefault(k, {"default": v, "help": t.option_help.get(k, ""), "targets": []})
+            e["targets"].append(n)
+    return out
+
+
+def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Path, work: Path, *,
+             calib: str | Path | None, calib_size: int, calib_seed: int, calib_method: str | None,
+             prune: float | None, prune_epochs: int, prune_2x4: bool, prune_lr: float, prune_min_params: int,
+             prune_per_class: int | None, preprocess: str | None, classes: list[str] | None,
+             data: str | Path | None, verify_n: int | None, min_agreement: float, no_verify: bool,
+             allow_overlap: bool, unsafe: bool, overwrite: bool, threads: int | None, command: str,
+             opts: dict[str, Any], calibrated: frozenset[str]) -> list[Artifact]:
+    from edgebrain.converters.base import BuildContext, ConversionError, file_sizes
+    from edgebrain.converters.source import load_source
+
+    src = load_source(model, unsafe=unsafe, preprocess=preprocess, classes=classes, workdir=work)
+    original = src.describe()
+    dd = _Data(src, data)
+    run_warnings: list[str] = list(src.warnings) + dd.warnings
+    tag = ""
+    if prune is not None:
+        tag = f"-sparse{round(prune * 100)}" + ("-2x4" if prune_2x4 else "")
+
+    # ---- plan
+    jobs: list[_Job] = []
+    skipped: list[dict[str, str]] = []
+    for t in tgts:
+        for p in p_names:
+            why = t.unsupported(p, src.format)
+            if why:
+                skipped.append({"target": t.name, "precision": p, "reason": why})
+                _say(f"skipping {t.name} {p}: {why}")
+            else:
+                jobs.append(_Job(t, p, f"{t.name}-{p}{tag}"))
+    if not jobs:
+        raise ConversionError("nothing to convert: " + "; ".join(f"{s['target']} {s['precision']}: {s['reason']}"
+                                                                 for s in skipped))
+    for j in jobs:
+        if (out / j.dirname).exists() and not overwrite:
+            raise ConversionError(f"{out / j.dirname} already exists (use --overwrite to replace it)")
+
+    # ---- pruning
+    pruning: dict[str, Any] | None = None
+    if prune is not None:
+        src, pruning = _prune(src, dd, out, prune=prune, epochs=prune_epochs, structured=prune_2x4, lr=prune_lr,
+                              min_params=prune_min_params, per_class=prune_per_class, overwrite=overwrite,
+                              command=command)
+
+    # ---- calibration (built once, before any conversion: refusals fail fast)
+    cal: CalibrationSet | None = None
+    if any(j.precision in calibrated for j in jobs):
+        from edgebrain.calibration import build_calibration
+
+        _say(f"calibration: {calib_size} images from {calib or dd.root or '(none)'}")
+        cal = build_calibration(
+            src.spec, src.class_names, calib_size, calib_seed, calib_dir=calib,
+            data_root=dd.root,
+            split_seed=dd.seed, fractions=dd.fractions, allow_overlap=allow_overlap)
+        run_warnings += [w for w in cal.info.get("warnings", []) if "WARNING" in w or "NOT checked" in w]
+
+    val_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def validation() -> tuple[np.ndarray, np.ndarray]:
+        if "v" not in val_cache:
+            arr = dd.arrays("val", src.spec.size)
+            val_cache["v"] = (src.spec.apply(arr.x).astype(np.float32), arr.y)
+        return val_cache["v"]
+
+    ctx = BuildContext(source=src, workdir=work, options=opts, calibration=(lambda: cal) if cal is not None else None,
+                       validation=validation if dd.available else None, calib_method=calib_method)
+
+    vs: _VerifySet | None = None
+    if not no_verify:
+        vs = _verify_set(src, dd, verify_n, cal)
+        _say(f"verification: {len(vs.x)} images ({vs.split}) against the source model")
+
+    src_name = _model_name(Path(original["path"]))
+    card = src.card
+    artifacts: list[Artifact] = []
+    rejected: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
+    records: list[dict[str, Any]] = []
+    for j in jobs:
+        _say(f"converting {j.target.name} {j.precision} -> {out / j.dirname}")
+        build = Path(tempfile.mkdtemp(prefix=f".{j.dirname}.build-", dir=work))
+        try:
+            built = j.target.build(ctx, j.precision, build)
+        except Exception as exc:  # one target failing never stops the others
+            msg = str(exc) if isinstance(exc, EdgebrainError) else f"{type(exc).__name__}: {exc}"
+            failed.append({"target": j.target.name, "precision": j.precision, "error": msg})
+            _say(f"FAILED {j.target.name} {j.precision}: {msg}")
+            continue
+        warnings = list(run_warnings) + list(built.warnings)
+        manifest: dict[str, Any] = {
+            "name": f"{src_name}-{j.dirname}",
+            "target": j.target.name,
+            "precision": j.precision,
+            "model_file": built.model_file,
+            "source": original,
+            "class_names": list(src.class_names),
+            "input_shape": list(src.input_shape),
+            "preprocess": src.spec.to_dict(),
+            "model_card": ({"variant": card.variant, "data": card.data, "metrics": card.metrics}
+                           if card is not None else None),
+            "quantization": built.quantization,
+            "calibration": ({**built.calibration, "list_file": CALIB_LIST} if built.calibration else None),
+            "pruning": pruning,
+            "runtime_options": built.runtime_options,
+            "ops": built.ops,
+            "size": file_sizes(build, built.files),
+            "runtime": j.target.runtime,
+        }
+        built_hash = sha256_file(build / built.model_file)
+        verification: dict[str, Any] | None = None
+        if vs is not None:
+            try:
+                draft = Artifact(build, {**manifest, "files": {}})
+                verification, vw = _verify(draft, j.target, vs, min_agreement, threads)
+                warnings += vw
+            except Exception as exc:
+                verification = {"n": int(len(vs.x)), "split": vs.split, "passed": False, "threshold": min_agreement,
+                                "error": f"the artifact did not load or run: {type(exc).__name__}: {exc}"}
+            if vs.note:
+                warnings.append(vs.note)
+        else:
+            warnings.append("NOT verified against the source model (--no-verify)")
+        manifest.update({
+            "verification": verification if verification is not None else {"skipped": True},
+            "versions": environment_facts(),
+            "command": command,
+            "created": _now(),
+            "warnings": warnings,
+        })
+        ok = verification is None or bool(verification.get("passed"))
+        final = out / j.dirname
+        dest = final if ok else out / f"{j.dirname}.rejected"
+        with atomic_dir(dest, overwrite=True) as tmp:
+            for f in built.files:
+                (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(build / f, tmp / f)
+            if built.calibration is not None and cal is not None:
+                (tmp / CALIB_LIST).write_text(cal.list_text())
+            written = write_manifest(tmp, manifest)
+            if written["artifact_sha256"] != built_hash:
+                raise ConversionError(f"{dest}: the copied model file differs from the verified one")
+        shutil.rmtree(build, ignore_errors=True)
+        rec = {"name": j.dirname, "path": str(dest), "target": j.target.name, "precision": j.precision,
+               **manifest["size"], "verification": manifest["verification"], "ops": built.ops}
+        if ok:
+            stale = out / f"{j.dirname}.rejected"
+            if stale.exists():
+                shutil.rmtree(stale, ignore_errors=True)
+            artifacts.append(load_manifest(final))
+            rec["status"] = "ok"
+        else:
+            if final.exists() and overwrite:
+                shutil.rmtree(final, ignore_errors=True)  # an older artifact must not pass for this run's
+            why = verification.get("error") if verification else None
+            why = why or (f"top-1 agreement {verification['top1_agreement']:.4f} < {min_agreement}"
+                          if verification and verification.get("top1_agreement", 1) < min_agreement
+                          else f"max |dp| {verification and verification.get('max_abs_dp')} > {FP32_MAX_DP}")
+            rejected.append({"target": j.target.name, "precision": j.precision, "path": str(dest), "reason": why})
+            rec["status"] = "rejected"
+            _say(f"REJECTED {j.target.name} {j.precision}: {why}; moved to {dest}")
+        records.append(rec)
+
+    summary = {
+        "kind": "edgebrain-convert-summary",
+        "created": _now(),
+        "command": command,
+        "source": original,
+        "pruning": ({k: pruning[k] for k in ("target_sparsity", "achieved_overall", "pruned_model")}
+                    if pruning else None),
+        "calibration": ({k: v for k, v in cal.info.items() if k != "warnings"} if cal is not None else None),
+        "artifacts": records,
+        "skipped": skipped,
+        "rejected": rejected,
+        "failed": failed,
+        "warnings": run_warnings,
+    }
+    atomic_write_json(out / SUMMARY, summary)
+    if rejected or failed:
+        lines = [f"{r['target']} {r['precision']}: rejected ({r['reason']}) -> {r['path']}" for r in rejected]
+        lines += [f"{f['target']} {f['precision']}: failed: {f['error']}" for f in failed]
+        raise ConvertFailed("conversion incomplete:\n  " + "\n  ".join(lines), summary, artifacts)
+    return artifacts
+
+
+def _prune(src: Source, dd: _Data, out: Path, *, prune: float, epochs: int, structured: bool, lr: float,
+           min_params: int, per_class: int | None, overwrite: bool, command: str) -> tuple[Source, dict[str, Any]]:
+    from edgebrain.converters.base import ConversionError
+    from edgebrain.converters.pruning import PruneConfig, prune_model
+    from edgebrain.converters.source import from_keras_model
+    from edgebrain.modelcard import ModelCard
+
+    if src.format != "tf-keras":
+        raise ConversionError(
+            f"--prune needs a tf-keras model (tensorflow-model-optimization works on tf-keras); {src.path} is "
+            f"{src.format}. Convert without --prune, or prune the model where it was trained.")
+    if not dd.available:
+        raise ConversionError("--prune fine-tunes on the train split: the model card's data root is missing; "
+                              "pass --data DIR")
+    _say(f"pruning to {prune:.0%} sparsity, {epochs} fine-tuning epoch(s)")
+    tr = dd.arrays("train", src.spec.size, per_class=per_class)
+    va = dd.arrays("val", src.spec.size)
+    cfg = PruneConfig(sparsity=float(prune), epochs=int(epochs), lr=float(lr), structured=structured,
+                      min_params=int(min_params))
+    pruned, rep = prune_model(src.model, cfg, src.spec, len(src.class_names), (tr.x, tr.y), (va.x, va.y))
+    name = f"pruned-sparse{round(prune * 100)}" + ("-2x4" if structured else "")
+    folder = out / name
+    with atomic_dir(folder, overwrite=True) as tmp:
+        pruned.save(tmp / "model.keras")
+        if src.card is not None:
+            d = src.card.to_dict()
+            d.setdefault("extra", {})["pruning"] = {"from": src.describe(), "report": rep, "command": command}
+            ModelCard.from_dict(d).save(tmp)
+        atomic_write_json(tmp / "pruning.json", rep)
+    sha = sha256_file(folder / "model.keras")
+    rep = {**rep, "pruned_model": {"path": str(folder / "model.keras"), "sha256": sha}}
+    if per_class:
+        rep["fine_tuning"]["per_class_subset"] = per_class
+    new = from_keras_model(pruned, src, folder / "model.keras", sha, derived=src.describe())
+    return new, rep
