@@ -46,8 +46,8 @@ $(LITE)/model.keras: | venv check-data
 	  --lr 2e-3 --lr-schedule cosine --patience 30 --seed 42 --overwrite
 
 $(FULL)/model.keras: | venv check-data
-	$(EB) train resnet50 --data "$(DATA)" --out $(FULL) --size 96 --epochs 18 --batch-size 32 \
-	  --lr 1e-3 --lr-schedule cosine --patience 18 --flip --seed 42 --overwrite
+	$(EB) train resnet50 --data "$(DATA)" --out $(FULL) --size 96 --epochs 15 --batch-size 32 \
+	  --lr 1e-3 --lr-schedule cosine --patience 15 --flip --seed 42 --overwrite
 
 models: $(LITE)/model.keras $(FULL)/model.keras
 

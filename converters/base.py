@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
-
 from edgebrain.errors import EdgebrainError
 
 if TYPE_CHECKING:

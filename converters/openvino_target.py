@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from edgebrain.calibration import resolve_method
 
 from .base import BuildContext, Built, ConversionError, Target

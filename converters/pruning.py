@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from edgebrain.errors import ModelError
 from edgebrain.preprocess import PreprocessSpec
 
@@ -107,7 +106,6 @@ def _clone(model: Any) -> Any:
 
 def wrap_for_pruning(model: Any, cfg: PruneConfig, schedule: Any) -> Any:
     import tensorflow_model_optimization as tfmot
-
     from edgebrain.tfenv import keras
 
     K = keras()
@@ -187,7 +185,6 @@ def prune_model(model: Any, cfg: PruneConfig, spec: PreprocessSpec, num_classes:
     ``train`` and ``val`` are uint8 images at the model's input size and integer labels; the
     model's own preprocessing spec is applied. The input model is not modified."""
     import tensorflow_model_optimization as tfmot
-
     from edgebrain.progress import enabled
     from edgebrain.tfenv import import_tf, keras, set_seed
     from edgebrain.train import make_dataset

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from edgebrain import CLASS_NAMES_DEFAULT
 from edgebrain.errors import ModelError
 from edgebrain.io import sha256_path

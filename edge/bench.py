@@ -664,6 +664,7 @@ def _record(item: Item, dev: Any, res: dict[str, Any], ids: list[str], y: np.nda
         "peak_rss_mb": (res.get("rss_mb") or {}).get("peak"), "rss_mb": res.get("rss_mb"),
         "size_bytes": size, "gzip_bytes": gz, "warmup": res.get("warmup"),
         "worker_wall_s": res.get("worker_wall_s"),
+        "stages": res.get("stages"),
         "warnings": list(item.warnings) + (["reference: FP32 source model"] if is_reference else []),
     })
     if is_reference:
@@ -756,7 +757,10 @@ def bench(
     ds, samples, dedup, data_info = select_samples(data_dir, split, eval_list, per_class, opts.seed)
     warnings: list[str] = []
     items = [resolve_item(a, preprocess, classes, input_size, precision) for a in artifacts]
+    from .fusion import require_plain_input
+
     for it in items:
+        require_plain_input(it.spec, what=str(it.path))  # bench feeds plain MRI images
         _class_perm(it, ds.class_names)
         card = (it.artifact.manifest.get("model_card") if it.artifact else None) or {}
         mh = (card.get("data") or {}).get("manifest_hash")
@@ -766,6 +770,7 @@ def bench(
     ref_item = None if no_reference else resolve_reference(items, reference, preprocess, classes, input_size,
                                                            warnings)
     if ref_item is not None:
+        require_plain_input(ref_item.spec, what=f"the reference {ref_item.path}")
         _class_perm(ref_item, ds.class_names)
     for w in warnings:
         say(f"warning: {w}")

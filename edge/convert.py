@@ -35,7 +35,7 @@ from .progress import enabled
 
 if TYPE_CHECKING:
     from edgebrain.calibration import CalibrationSet
-    from edgebrain.converters.base import Built, Target
+    from edgebrain.converters.base import Target
     from edgebrain.converters.source import Source
 
 DEFAULT_CALIB_SIZE = 256

@@ -329,7 +329,35 @@ def measure_job(job: dict[str, Any], base: Path) -> dict[str, Any]:
     opts = dict(job.get("runtime_options") or {})
     res = measure(job, lambda: load_runner(art, threads=threads, **opts), art.preprocess, base)
     res.update({"threads": threads, "cpus": cpus_in_use, "runtime_options": opts})
+    stages = (art.manifest.get("pipeline") or {}).get("stages") or []
+    if stages:
+        res["stages"] = measure_stages(art, stages, threads, opts, {**DEFAULT_TIMING, **(job.get("timing") or {})})
     return res
+
+
+def measure_stages(art: Artifact, stages: Sequence[dict[str, Any]], threads: int | None, opts: dict[str, Any],
+                   timing: dict[str, Any]) -> list[dict[str, Any]]:
+    """Model-only batch-1 latency of each stage file of a multi-stage artifact (same runner type).
+    Input content does not change a CNN's latency: a fixed pseudo-random tensor of the stage's shape."""
+    from .runtime import RUNNERS
+
+    out: list[dict[str, Any]] = []
+    rng = np.random.default_rng(0)
+    for st in stages:
+        rec: dict[str, Any] = {"name": st.get("name"), "model_file": st.get("model_file"),
+                               "precision": st.get("precision"), "input_shape": st.get("input_shape")}
+        try:
+            shape = [int(v) for v in st["input_shape"]]
+            x = rng.random((1, *shape), dtype=np.float32)
+            runner = RUNNERS[art.target](art.path / st["model_file"], threads=threads, **opts)
+            for _ in range(int(timing["warmup"]) + 1):
+                runner.run(x)
+            lat, secs = time_loop(lambda r=runner, x=x: r.run(x), int(timing["min_runs"]), float(timing["min_seconds"]))
+            rec.update({"latency_ms": stats(lat), "latency_s": secs})
+        except Exception as exc:  # one stage failing to time is reported, the artifact's figures stand
+            rec["error"] = f"{type(exc).__name__}: {exc}"
+        out.append(rec)
+    return out
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -61,7 +61,7 @@ SPEED_COLUMNS = ["model", "target", "precision", "device", "runtime (ran on)", "
                  "e2e ms", "peak RSS", "size", "gzip"]
 ACC_COLUMNS = ["model", "device", "n", "accuracy [95% CI]", "Δ acc pp", "macro-F1", "agreement", "flips",
                "McNemar b/c", "McNemar p", "ECE", "dedup n", "dedup accuracy", "dedup macro-F1"]
-LEFT = {"model", "target", "precision", "device", "runtime (ran on)", "threads"}
+LEFT = {"model", "target", "precision", "device", "runtime (ran on)", "threads", "stage", "model file"}
 
 
 def _short_runtime(s: str | None) -> str:
@@ -122,6 +122,24 @@ def accuracy_rows(doc: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+STAGE_COLUMNS = ["model", "device", "stage", "model file", "precision", "p50 ms", "p90 ms", "p99 ms", "mean ms"]
+
+
+def stage_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """Per-stage model-only latency of multi-stage artifacts (manifest ``pipeline.stages``)."""
+    rows = []
+    for r in ordered(doc):
+        for st in r.get("stages") or []:
+            lat = st.get("latency_ms") or {}
+            if st.get("error"):
+                timing = [f"error: {st['error']}", "-", "-", "-"]
+            else:
+                timing = [_f(lat.get("p50")), _f(lat.get("p90")), _f(lat.get("p99")), _f(lat.get("mean"))]
+            rows.append([r["name"], str(r["device"].get("label")), str(st.get("name")), str(st.get("model_file")),
+                         str(st.get("precision") or "-"), *timing])
+    return rows
+
+
 def _md_table(columns: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(columns) + " |",
            "|" + "|".join(":---" if c in LEFT else "---:" for c in columns) + "|"]
@@ -160,6 +178,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
               "b = reference right / model wrong, c = the reverse; exact two-sided binomial p. ECE: 15 bins.", ""]
     lines += _md_table(ACC_COLUMNS, accuracy_rows(doc))
     lines.append("")
+    if stage_rows(doc):
+        lines += ["## Pipeline stages", "", "Model-only batch-1 latency of each stage file, same runner.", ""]
+        lines += _md_table(STAGE_COLUMNS, stage_rows(doc))
+        lines.append("")
     for r in ordered(doc):
         extra = []
         if r.get("n_flips"):
@@ -364,6 +386,14 @@ def render_html(doc: dict[str, Any]) -> str:
                  "two-sided binomial p. ECE: expected calibration error, 15 bins. Dedup: Testing without images "
                  "that also appear in Training, one per duplicate group.</p>")
     parts.append(_html_table("accuracy", ACC_COLUMNS, accuracy_rows(doc), ordered(doc), ref))
+    srows = stage_rows(doc)
+    if srows:
+        parts.append("<h2>Pipeline stages</h2><p class=\"muted\">Model-only batch-1 latency of each stage file, "
+                     "same runner.</p>")
+        parts.append('<div class="wrap"><table id="stages"><thead><tr>'
+                     + "".join(f"<th>{html.escape(c)}</th>" for c in STAGE_COLUMNS) + "</tr></thead><tbody>"
+                     + "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in srows)
+                     + "</tbody></table></div>")
 
     if doc.get("errors"):
         parts.append('<h2>Errors</h2><ul class="err">' + "".join(

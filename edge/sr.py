@@ -215,16 +215,22 @@ def _paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
 
 def compare_upscalers(model: Any, hr: np.ndarray, scale: int, seed: int = EVAL_SEED,
                       degradation: Degradation | None = None, labels: np.ndarray | None = None,
-                      class_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """SR vs bicubic vs bilinear on ``degrade(hr)``: PSNR/SSIM and paired differences."""
+                      class_names: Sequence[str] | None = None, lr: np.ndarray | None = None) -> dict[str, Any]:
+    """SR vs bicubic vs bilinear on ``degrade(hr)`` (or on the given ``lr`` images, e.g. plain
+    resizes): PSNR/SSIM against ``hr`` and paired differences."""
     deg = degradation or Degradation(scale=scale)
-    lr = degrade(hr, scale, seed, deg)
+    lr_given = lr
+    if lr is None:
+        lr = degrade(hr, scale, seed, deg)
+    elif lr.shape[1] * scale != hr.shape[1] or lr.shape[2] * scale != hr.shape[2]:
+        raise ValueError(f"LR {lr.shape[1:3]} x{scale} does not match HR {hr.shape[1:3]}")
     outs = {"sr": sr_apply(model, lr), "bicubic": upscale(lr, scale, "bicubic"),
             "bilinear": upscale(lr, scale, "bilinear")}
     per = {k: psnr_ssim(v, hr) for k, v in outs.items()}
     res: dict[str, Any] = {
         "n": int(len(hr)), "scale": int(scale), "hr_size": [int(hr.shape[1]), int(hr.shape[2])],
-        "lr_size": [int(lr.shape[1]), int(lr.shape[2])], "degradation": deg.to_dict(), "degradation_seed": seed,
+        "lr_size": [int(lr.shape[1]), int(lr.shape[2])],
+        "degradation": deg.to_dict() if lr_given is None else "given LR images", "degradation_seed": seed,
         "metric_library": "tf.image.psnr / tf.image.ssim (max_val 1.0, 11x11 Gaussian window), uint8 outputs",
     }
     for k, (p, s) in per.items():

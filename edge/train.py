@@ -301,7 +301,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         extra=extra,
     )
     with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
-        model.save(tmp / MODEL_FILE)
+        model.save(tmp / MODEL_FILE, include_optimizer=False)
         if is_sr:
             from . import sr as SR
 

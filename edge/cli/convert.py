@@ -155,5 +155,5 @@ def _print(summary: dict[str, Any]) -> None:
         con.print(f"[red]failed[/] {f['target']} {f['precision']}: ", end="")
         con.print(f["error"], markup=False)
     for w in summary.get("warnings", []):
-        con.print(f"[yellow]warning[/] ", end="")
+        con.print("[yellow]warning[/] ", end="")
         con.print(w, markup=False)

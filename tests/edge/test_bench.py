@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from edgebrain import data as D
 from edgebrain.artifact import write_manifest
 from edgebrain.bench import BenchError, BenchOptions, bench, validate_results
@@ -29,70 +28,19 @@ from edgebrain.modelcard import ModelCard
 FAST = dict(warmup=3, min_runs=20, min_seconds=0.3, throughput_min_runs=3, throughput_min_seconds=0.2, n_boot=1000)
 
 
-def build_artifacts(model_dir: Path, out: Path, data_dir: Path) -> dict[str, Path]:
-    """TFLite fp32 + full-int8, ONNX fp32 (tf2onnx) and OpenVINO fp32 IR, each with a manifest."""
-    from edgebrain.models import load_keras_model
-    from edgebrain.tfenv import import_tf
+def build_artifacts(model_dir: Path, out: Path) -> dict[str, Path]:
+    """TFLite fp32 + int8, ONNX fp32 and OpenVINO fp32 through ``edgebrain convert`` (verified there)."""
+    from edgebrain.convert import convert
 
-    tf = import_tf()
-    model_file = model_dir / "model.keras"
-    card = ModelCard.find(model_file)
-    assert card is not None
-    spec = card.preprocess
-    model = load_keras_model(model_file)
-    ds = D.scan(data_dir)
-    calib = D.load_arrays(D.subset(D.splits_for(ds, card.data.get("split_seed", 42))["calib"], 8), spec.size).x
-    source = {"path": str(model_file.resolve()), "sha256": sha256_file(model_file), "format": "tf-keras",
-              "variant": card.variant}
-
-    def manifest(target: str, precision: str, model_name: str, **kw: Any) -> dict[str, Any]:
-        return {"name": f"{target}-{precision}", "target": target, "precision": precision, "model_file": model_name,
-                "source": source, "class_names": card.class_names, "input_shape": list(card.input_shape),
-                "preprocess": spec.to_dict(), "model_card": {"variant": card.variant, "data": card.data},
-                "verification": {"passed": True}, **kw}
-
-    arts: dict[str, Path] = {}
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
-    d = out / "tflite-fp32"
-    d.mkdir(parents=True)
-    (d / "model.tflite").write_bytes(conv.convert())
-    write_manifest(d, manifest("tflite", "fp32", "model.tflite"))
-    arts["tflite-fp32"] = d
-
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = lambda: ([spec.apply(x[None])] for x in calib)
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    d = out / "tflite-int8"
-    d.mkdir()
-    (d / "model.tflite").write_bytes(conv.convert())
-    write_manifest(d, manifest("tflite", "int8", "model.tflite", calibration={"split": "calib", "size": len(calib)}))
-    arts["tflite-int8"] = d
-
-    import tf2onnx
-
-    d = out / "onnx-fp32"
-    d.mkdir()
-    h, w, c = card.input_shape
-    tf2onnx.convert.from_keras(model, input_signature=[tf.TensorSpec((None, h, w, c), tf.float32, name="image")],
-                               opset=17, output_path=str(d / "model.onnx"))
-    write_manifest(d, manifest("onnx", "fp32", "model.onnx"))
-    arts["onnx-fp32"] = d
-
-    import openvino as ov
-
-    d = out / "openvino-fp32"
-    d.mkdir()
-    ov.save_model(ov.convert_model(str(out / "onnx-fp32" / "model.onnx")), str(d / "model.xml"),
-                  compress_to_fp16=False)
-    write_manifest(d, manifest("openvino", "fp32", "model.xml", runtime_options={"inference_precision": "f32"}))
-    arts["openvino-fp32"] = d
-    return arts
+    model = model_dir / "model.keras"
+    arts = convert(model, ["tflite"], ["fp32", "int8"], out, calib_size=32, verify_n=32, min_agreement=0.8)
+    arts += convert(model, ["onnx", "openvino"], ["fp32"], out, verify_n=32)
+    return {f"{a.target}-{a.precision}": a.path for a in arts}
 
 
 @pytest.fixture(scope="module")
-def arts(trained_small: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_artifacts(trained_small, tmp_path_factory.mktemp("arts"), data_dir)
+def arts(trained_small: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_artifacts(trained_small, tmp_path_factory.mktemp("arts"))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +63,8 @@ def test_results_json_matches_its_schema(main_run: tuple[dict[str, Any], Path]) 
     doc = json.loads((out / "results.json").read_text())
     validate_results(doc)
     assert doc["schema_version"] == 1 and doc["kind"] == "edgebrain-bench-results"
-    assert {r["name"] for r in doc["results"]} == {"tflite-fp32", "tflite-int8", "onnx-fp32", "openvino-fp32"}
+    assert {(r["target"], r["precision"]) for r in doc["results"]} == {
+        ("tflite", "fp32"), ("tflite", "int8"), ("onnx", "fp32"), ("openvino", "fp32")}
     assert doc["errors"] == []
     for field in ("target", "precision", "accuracy", "macro_f1", "per_class", "agreement", "latency_ms",
                   "throughput_ips", "cold_start_ms", "peak_rss_mb", "size_bytes", "device"):
@@ -191,7 +140,7 @@ def test_accuracy_figures_are_consistent(main_run: tuple[dict[str, Any], Path]) 
 
 def test_converted_models_agree_with_the_reference(main_run: tuple[dict[str, Any], Path]) -> None:
     doc, _ = main_run
-    by = {r["name"]: r for r in doc["results"]}
+    by = {f"{r['target']}-{r['precision']}": r for r in doc["results"]}
     for name in ("tflite-fp32", "onnx-fp32", "openvino-fp32"):
         assert by[name]["agreement"] >= 0.98, name
         assert by[name]["mcnemar"]["p_value"] > 0.5
@@ -236,8 +185,8 @@ def test_latency_resources_and_settings_are_recorded(main_run: tuple[dict[str, A
         assert dev["fingerprint"]["packages"]["numpy"] == here["packages"]["numpy"]
     for r in doc["results"]:
         assert r["device"]["tensorflow_imported"] is False  # the edge worker never loads TF
-        files = [arts[r["name"]] / f for f in ("model.tflite", "model.onnx", "model.xml", "model.bin")
-                 if (arts[r["name"]] / f).is_file()]
+        folder = arts[f"{r['target']}-{r['precision']}"]
+        files = [folder / f for f in ("model.tflite", "model.onnx", "model.xml", "model.bin") if (folder / f).is_file()]
         assert r["size_bytes"] == sum(f.stat().st_size for f in files)
         assert r["gzip_bytes"] == len(gzip.compress(b"".join(f.read_bytes() for f in files), 9))
         assert r["vs_reference"]["speedup_p50"] == pytest.approx(
@@ -347,9 +296,17 @@ def test_raw_files_bad_images_and_a_failing_artifact(arts: dict[str, Path], data
     write_manifest(broken, {**keep, "name": "broken"})
     spec = m["preprocess"]
     names = ",".join(m["class_names"])
+    # A two-stage artifact (manifest "pipeline"): every stage file is timed with the same runner.
+    staged = tmp_path / "staged"
+    shutil.copytree(arts["tflite-fp32"], staged)
+    shutil.copy(staged / "model.tflite", staged / "classifier.tflite")
+    stage = {"name": "classifier", "model_file": "classifier.tflite", "precision": "fp32",
+             "input_shape": m["input_shape"], "output_shape": [len(m["class_names"])]}
+    write_manifest(staged, {**{k: v for k, v in m.items() if k not in ("files", "artifact_sha256")},
+                            "pipeline": {"stages": [stage]}})
     out = tmp_path / "out"
     res = CliRunner().invoke(cli, [
-        "bench", str(raw), str(broken), str(arts["tflite-fp32"]), "--data", str(ds_dir), "--out", str(out),
+        "bench", str(raw), str(broken), str(staged), "--data", str(ds_dir), "--out", str(out),
         "--no-reference", "--preprocess", spec["name"], "--classes", names, "--precision", "int8",
         "--min-runs", "5", "--min-seconds", "0.1", "--warmup", "1", "--threads", "1"])
     assert res.exit_code == 1, res.output
@@ -357,12 +314,15 @@ def test_raw_files_bad_images_and_a_failing_artifact(arts: dict[str, Path], data
     validate_results(doc)
     assert [e["name"] for e in doc["errors"]] == ["broken"] and "broken" in res.output
     assert doc["reference"] is None
-    assert {r["name"] for r in doc["results"]} == {"int8", "tflite-fp32"}
+    assert {r["name"] for r in doc["results"]} == {"int8", json.loads((arts["tflite-fp32"] / "manifest.json").read_text())["name"]}
     raw_rec = next(r for r in doc["results"] if r["name"] == "int8")
     assert raw_rec["precision"] == "int8" and raw_rec["artifact_sha256"] == sha256_file(raw)
     assert raw_rec["agreement"] is None and raw_rec["mcnemar"] is None
     assert [f["file"] for f in doc["data"]["failed"]] == ["Testing/glioma/broken.jpg"]
-    assert "broken.jpg" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "broken.jpg" in md and "## Pipeline stages" in md
+    st = next(r for r in doc["results"] if r["name"] != "int8")["stages"]
+    assert [x["name"] for x in st] == ["classifier"] and st[0]["latency_ms"]["n"] >= 5 and "error" not in st[0]
     assert doc["data"]["n"] == 12 and doc["data"]["n_requested"] == 13
     assert doc["data"]["dedup_n"] == 12  # Testing/Training share no images here
 

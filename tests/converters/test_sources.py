@@ -1,0 +1,136 @@
+"""Sources from elsewhere: Keras 3 .keras files (nested backbone), ONNX files (NCHW), no model card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edgebrain.artifact import load_manifest
+from edgebrain.converters.source import detect_format, load_source
+from edgebrain.errors import ModelError
+from edgebrain.runtime import load_runner
+
+CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
+
+
+def _keras3_nested(path: Path, with_lambda: bool = False) -> Path:
+    from edgebrain.tfenv import import_tf
+
+    import_tf()
+    import keras
+
+    inp = keras.Input((32, 32, 3))
+    x = inp
+    if with_lambda:
+        x = keras.layers.Lambda(lambda t: t * 2.0)(x)
+    bb = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, include_top=False, weights=None,
+                                        pooling="avg")
+    out = keras.layers.Dense(4, activation="softmax")(bb(x))
+    keras.Model(inp, out).save(path)
+    return path
+
+
+def _nchw_onnx(path: Path) -> Path:
+    """A small NCHW classifier (Conv -> ReLU -> GAP -> Gemm -> Softmax), as PyTorch exports them."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(8, np.float32), "b")
+    fc = numpy_helper.from_array(rng.normal(0, 1, (8, 4)).astype(np.float32), "fc")
+    fb = numpy_helper.from_array(np.zeros(4, np.float32), "fb")
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc", "fb"], ["logits"]),
+    ]
+    g = helper.make_graph(nodes, "nchw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], [w, b, fc, fb])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_keras3_nested_model_without_card(tmp_path: Path, data_dir: Path, cache_env: Path) -> None:
+    from edgebrain.convert import convert
+
+    model = _keras3_nested(tmp_path / "k3.keras")
+    assert detect_format(model)[0] == "keras3"
+    out = tmp_path / "out"
+    arts = convert(model, "tflite,onnx,openvino", "fp32", out, preprocess="imagenet", classes=",".join(CLASSES),
+                   data=data_dir, verify_n=16)
+    assert {a.target for a in arts} == {"tflite", "onnx", "openvino"}
+    for a in arts:
+        m = a.manifest
+        assert m["source"]["format"] == "keras3" and m["model_card"] is None
+        assert m["preprocess"]["name"] == "imagenet" and m["class_names"] == CLASSES
+        assert any("no model_card.json" in w for w in m["warnings"])
+        assert m["verification"]["passed"] and m["verification"]["split"] == "val"
+        assert m["verification"]["max_abs_dp"] < 1e-3
+
+    # no --preprocess / --classes: still converts, and the manifest says what was assumed
+    arts = convert(model, "onnx", "fp32", tmp_path / "out2", verify_n=8)
+    m = arts[0].manifest
+    assert m["preprocess"]["extra"] == {"assumed": True}
+    assert any("ASSUMED" in w and "preprocessing" in w for w in m["warnings"])
+    assert any("ASSUMED" in w and "class names" in w for w in m["warnings"])
+    assert m["verification"]["split"] == "random-pixels"
+
+
+def test_keras3_lambda_refused_unless_unsafe(tmp_path: Path) -> None:
+    model = _keras3_nested(tmp_path / "lam.keras", with_lambda=True)
+    with pytest.raises(ModelError, match="unsafe"):
+        load_source(model)
+    src = load_source(model, unsafe=True)
+    assert src.format == "keras3"
+
+
+def test_onnx_nchw_source(tmp_path: Path, data_dir: Path, cache_env: Path) -> None:
+    import onnxruntime as ort
+    from edgebrain.convert import convert
+
+    model = _nchw_onnx(tmp_path / "nchw.onnx")
+    out = tmp_path / "out"
+    arts = convert(model, "tflite,onnx,openvino", "fp32,int8", out, preprocess="rescale",
+                   classes=",".join(CLASSES), data=data_dir, calib_size=16, verify_n=24, min_agreement=0.5)
+    summary = (out / "convert_summary.json").read_text()
+    assert "ONNX source converts to the onnx and openvino targets only" in summary
+    assert {(a.target, a.precision) for a in arts} == {("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"),
+                                                      ("openvino", "int8")}
+    x = np.random.default_rng(1).random((3, 32, 32, 3), dtype=np.float32)
+    ref = ort.InferenceSession(str(model)).run(None, {"x": x.transpose(0, 3, 1, 2)})[0]
+    ref = np.exp(ref - ref.max(1, keepdims=True))
+    ref /= ref.sum(1, keepdims=True)
+    for a in arts:
+        art = load_manifest(a.path)
+        assert art.manifest["source"]["layout"].startswith("NCHW")
+        assert art.manifest["input_shape"] == [32, 32, 3]
+        y = load_runner(art).run(x)
+        if art.precision == "fp32":
+            np.testing.assert_allclose(y, ref, atol=1e-4)
+        else:
+            assert art.manifest["ops"]["int8_ops"] > 0
+
+
+def test_source_errors_are_clear(tmp_path: Path, tiny_model: Path) -> None:
+    with pytest.raises(ModelError, match="not found"):
+        load_source(tmp_path / "missing.keras")
+    (tmp_path / "junk.keras").write_bytes(b"not a zip")
+    with pytest.raises(ModelError, match="not a valid .keras"):
+        load_source(tmp_path / "junk.keras")
+    (tmp_path / "model.pt").write_bytes(b"x")
+    with pytest.raises(ModelError, match="unsupported model file"):
+        load_source(tmp_path / "model.pt")
+    with pytest.raises(ModelError, match="contradicts the model card"):
+        load_source(tiny_model, preprocess="caffe")
+    with pytest.raises(ModelError, match="contradicts the model card"):
+        load_source(tiny_model, classes=["a", "b", "c", "d"])
+    (tmp_path / "bad.onnx").write_bytes(b"garbage")
+    with pytest.raises(ModelError, match="not a readable ONNX"):
+        load_source(tmp_path / "bad.onnx", workdir=tmp_path)

@@ -1,0 +1,148 @@
+"""``edgebrain convert`` from the command line: help, skips, verification failures, tampering,
+calibration overlap and interrupted conversions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from edgebrain import data as D
+from edgebrain.artifact import load_manifest
+from edgebrain.cli import cli
+from edgebrain.converters import TARGETS
+from edgebrain.converters.onnx_target import ONNXTarget
+from edgebrain.errors import IntegrityError
+
+
+class BrokenTarget(ONNXTarget):
+    """An ONNX target whose conversion silently corrupts the classifier (flips the last layer)."""
+
+    name = "broken"
+    precisions = ("fp32",)
+
+    def build(self, ctx: Any, precision: str, out: Path) -> Any:
+        import onnx
+        from onnx import numpy_helper
+
+        built = super().build(ctx, precision, out)
+        m = onnx.load(str(out / built.model_file))
+        last = [t for t in m.graph.initializer if len(t.dims) == 2][-1]
+        w = numpy_helper.to_array(last)
+        last.CopyFrom(numpy_helper.from_array(-w * 5.0, last.name))
+        onnx.save(m, str(out / built.model_file))
+        return built
+
+
+class CrashingTarget(ONNXTarget):
+    name = "crashing"
+    precisions = ("fp32",)
+    exc: type[BaseException] = RuntimeError
+
+    def build(self, ctx: Any, precision: str, out: Path) -> Any:
+        (out / "model.onnx").write_bytes(b"half a model")
+        raise self.exc("the converter died half-way")
+
+
+def _invoke(*args: str) -> Any:
+    return CliRunner().invoke(cli, ["convert", *[str(a) for a in args]], catch_exceptions=False)
+
+
+def test_convert_help() -> None:
+    res = CliRunner().invoke(cli, ["convert", "--help"])
+    assert res.exit_code == 0
+    for flag in ("--to", "--precision", "--calib", "--calib-size", "--prune", "--out", "--verify-n",
+                 "--min-agreement", "--allow-overlap", "--unsafe", "--max-drop", "--onnx-format"):
+        assert flag in res.output
+
+
+def test_convert_fp32_and_skip_unsupported(tiny_model: Path, data_dir: Path, tmp_path: Path,
+                                           cache_env: Path) -> None:
+    out = tmp_path / "arts"
+    res = _invoke(tiny_model, "--to", "onnx", "--precision", "fp32,bf16", "--out", out, "--verify-n", "8",
+                  "--data", data_dir)
+    assert res.exit_code == 0, res.output
+    assert "skipped" in res.output and "bf16" in res.output
+    art = load_manifest(out / "onnx-fp32")
+    m = art.manifest
+    assert m["verification"]["passed"] and m["verification"]["n"] == 8
+    assert m["command"].startswith("edgebrain convert ") and "--precision fp32,bf16" in m["command"]
+    assert not (out / "onnx-bf16").exists()
+    summary = json.loads((out / "convert_summary.json").read_text())
+    assert summary["skipped"][0]["precision"] == "bf16" and summary["skipped"][0]["reason"]
+    # an existing artifact is not overwritten by accident
+    res = _invoke(tiny_model, "--to", "onnx", "--precision", "fp32", "--out", out, "--verify-n", "8")
+    assert res.exit_code != 0 and "--overwrite" in res.output
+
+    # tampering: any change to the model file is refused downstream
+    tampered = tmp_path / "tampered"
+    shutil.copytree(out / "onnx-fp32", tampered)
+    with open(tampered / "model.onnx", "r+b") as fh:
+        fh.seek(-8, 2)
+        fh.write(b"\x00" * 8)
+    with pytest.raises(IntegrityError, match="does not match the manifest"):
+        load_manifest(tampered)
+
+
+def test_verification_failure_moves_artifact_aside(tiny_model: Path, data_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch, cache_env: Path) -> None:
+    monkeypatch.setitem(TARGETS, "broken", BrokenTarget())
+    out = tmp_path / "arts"
+    res = _invoke(tiny_model, "--to", "broken,onnx", "--precision", "fp32", "--out", out, "--verify-n", "16",
+                  "--data", data_dir)
+    assert res.exit_code == 1, res.output
+    assert "rejected" in res.output.lower()
+    assert not (out / "broken-fp32").exists()
+    rejected = out / "broken-fp32.rejected"
+    m = json.loads((rejected / "manifest.json").read_text())
+    assert m["verification"]["passed"] is False
+    with pytest.raises(IntegrityError, match="failed verification"):
+        load_manifest(rejected)
+    load_manifest(out / "onnx-fp32")  # the good target in the same run is still written
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_crash_leaves_no_half_artifact(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       exc: type[BaseException]) -> None:
+    t = CrashingTarget()
+    t.exc = exc
+    monkeypatch.setitem(TARGETS, "crashing", t)
+    out = tmp_path / "arts"
+    if exc is KeyboardInterrupt:
+        from edgebrain.convert import convert
+
+        with pytest.raises(KeyboardInterrupt):
+            convert(tiny_model, "crashing", "fp32", out, verify_n=4)
+    else:
+        res = _invoke(tiny_model, "--to", "crashing", "--precision", "fp32", "--out", out, "--verify-n", "4")
+        assert res.exit_code == 1 and "died half-way" in res.output
+    assert not (out / "crashing-fp32").exists()
+    assert [p.name for p in out.iterdir() if p.name != "convert_summary.json"] == []
+
+
+def test_calibration_overlap_refused_from_cli(tiny_model: Path, data_dir: Path, dataset: D.Dataset,
+                                             tmp_path: Path, cache_env: Path) -> None:
+    calib = tmp_path / "calib" / "glioma"
+    calib.mkdir(parents=True)
+    leak = dataset.split("Testing")[0]
+    shutil.copy2(leak.path, calib / "innocent-name.jpg")
+    out = tmp_path / "arts"
+    res = _invoke(tiny_model, "--to", "onnx", "--precision", "int8", "--out", out, "--calib", tmp_path / "calib",
+                  "--data", data_dir)
+    assert res.exit_code != 0
+    assert "evaluation set" in res.output and "innocent-name.jpg" in res.output
+    assert not (out / "onnx-int8").exists()
+
+
+def test_clear_errors(tmp_path: Path, tiny_model: Path) -> None:
+    res = _invoke(tmp_path / "nope.keras", "--to", "onnx", "--precision", "fp32", "--out", tmp_path / "o")
+    assert res.exit_code != 0 and "model not found" in res.output
+    res = _invoke(tiny_model, "--to", "coreml", "--precision", "fp32", "--out", tmp_path / "o")
+    assert res.exit_code != 0 and "unknown target" in res.output
+    res = _invoke(tiny_model, "--to", "onnx", "--precision", "int4", "--out", tmp_path / "o")
+    assert res.exit_code != 0 and "unknown precision" in res.output
+    res = _invoke(tiny_model, "--to", "tflite", "--precision", "bf16", "--out", tmp_path / "o")
+    assert res.exit_code != 0 and "nothing to convert" in res.output
