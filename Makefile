@@ -39,15 +39,15 @@ lint: venv
 # ---------------------------------------------------------------- trained models (cached)
 # (a) lightweight variant on CPU, (b) full-depth ResNet50 at a reduced input size.
 LITE := $(MODELS)/resnet50-lite-128
-FULL := $(MODELS)/resnet50-96
+FULL := $(MODELS)/resnet50-w05-96
 
 $(LITE)/model.keras: | venv check-data
 	$(EB) train resnet50-lite --data "$(DATA)" --out $(LITE) --size 128 --epochs 30 --batch-size 32 \
 	  --lr 2e-3 --lr-schedule cosine --patience 30 --seed 42 --overwrite
 
 $(FULL)/model.keras: | venv check-data
-	$(EB) train resnet50 --data "$(DATA)" --out $(FULL) --size 96 --epochs 15 --batch-size 32 \
-	  --lr 1e-3 --lr-schedule cosine --patience 15 --flip --seed 42 --overwrite
+	$(EB) train resnet50 --data "$(DATA)" --out $(FULL) --size 96 --width 0.5 --epochs 16 --batch-size 32 \
+	  --lr 2e-3 --lr-schedule cosine --patience 16 --flip --seed 42 --overwrite
 
 models: $(LITE)/model.keras $(FULL)/model.keras
 

@@ -80,7 +80,7 @@ def stage_cls(a: argparse.Namespace, out: Path) -> None:
                           seed=42, patience=a.cls_epochs, sr_model=str(out / "sr-x2"), overwrite=True))
     m = json.loads((folder / "metrics.json").read_text())
     card = json.loads((folder / "model_card.json").read_text())
-    tw = m["sr_pipeline"]["three_way"]
+    tw = SR.evaluate_pipeline(folder, a.data)  # from the saved stages; adds McNemar SR vs bicubic
 
     def short(rec: dict[str, Any]) -> dict[str, Any]:
         return {"accuracy": rec["accuracy"], "macro_f1": rec["macro_f1"], "recall": rec["recall"]}
@@ -90,7 +90,8 @@ def stage_cls(a: argparse.Namespace, out: Path) -> None:
         "per_class_train_subset": a.cls_per_class, "epochs_run": card["training"]["epochs_run"],
         "train_seconds": card["training"]["seconds"], "params": card["training"]["params"],
         "n_test": tw["n"], "native": short(tw["native"]),
-        **{src: {way: short(tw[src][way]) for way in ("bicubic", "sr")} for src in ("degraded", "resized")},
+        **{src: {**{way: short(tw[src][way]) for way in ("bicubic", "sr")},
+                 "mcnemar_sr_vs_bicubic": tw[src]["mcnemar_sr_vs_bicubic"]} for src in ("degraded", "resized")},
         "composite_testing_accuracy": m["testing"]["accuracy"],
         "composite_testing_dedup_accuracy": (m["testing_dedup"] or {}).get("accuracy"),
         "sr_int8_policy": m["sr_pipeline"]["int8"],
@@ -129,26 +130,37 @@ def stage_int8(a: argparse.Namespace, out: Path) -> None:
     # 2. the whole pipeline: fp32 vs full int8 vs SR-float + classifier-int8, on both LR inputs
     inputs = {"resized": lr.x, "degraded": SR.degrade(hr.x, 2, SR.EVAL_SEED)}
     t0 = time.time()
-    models = {
-        "fp32": _tflite_fp32(full),
-        "int8": SR.tflite_int8(full, cal_lr.astype(np.float32) / 255.0),
-        "int8_sr_float": SR.tflite_int8(full, cal_lr.astype(np.float32) / 255.0, denylist_prefixes=["/sr/"]),
+    builders = {
+        "fp32": lambda: _tflite_fp32(full),
+        "int8": lambda: SR.tflite_int8(full, cal_lr.astype(np.float32) / 255.0),
+        "int8_sr_float": lambda: SR.tflite_int8(full, cal_lr.astype(np.float32) / 255.0, denylist_prefixes=["/sr/"]),
     }
+    models: dict[str, bytes] = {}
+    for name, build in builders.items():
+        f = out / f"pipeline-{name}.tflite"
+        if a.force or not f.is_file():
+            f.write_bytes(build())
+        models[name] = f.read_bytes()
     res["convert_seconds"] = round(time.time() - t0, 1)
     res["pipeline"] = {}
+    ref_pred: dict[str, np.ndarray] = {}
     for name, blob in models.items():
-        (out / f"pipeline-{name}.tflite").write_bytes(blob)
         rec: dict[str, Any] = {"size_bytes": len(blob), "ops": _op_counts(blob)}
         for src, x in inputs.items():
             probs = SR.run_tflite(blob, x.astype(np.float32) / 255.0, batch=32)
             mt = classification_metrics(hr.y, probs, ds.class_names)
             rec[src] = {"accuracy": mt["accuracy"], "macro_f1": mt["macro_f1"],
                         "recall": {c: v["recall"] for c, v in mt["per_class"].items()}}
+            if name == "fp32":
+                ref_pred[src] = probs.argmax(1)
+            else:
+                rec[src]["top1_agreement_with_fp32"] = float(np.mean(probs.argmax(1) == ref_pred[src]))
         res["pipeline"][name] = rec
     keras_probs = np.concatenate([full(lr.x[i : i + 64].astype(np.float32) / 255.0, training=False).numpy()
                                   for i in range(0, len(lr.x), 64)])
     res["keras_fp32_resized_accuracy"] = classification_metrics(hr.y, keras_probs, ds.class_names)["accuracy"]
-    res["convert_api"] = _try_convert(folder, out)
+    summ = out / "convert" / "convert_summary.json"
+    res["convert_api"] = _try_convert(folder, out) if (a.force or not summ.is_file()) else _read_convert(summ)
     _save(out, "int8", res)
 
 
@@ -196,11 +208,16 @@ def _try_convert(folder: Path, out: Path) -> dict[str, Any]:
     rec["seconds"] = round(time.time() - t0, 1)
     summ = dst / "convert_summary.json"
     if summ.is_file():
-        s = json.loads(summ.read_text())
-        rec["artifacts"] = [{k: r.get(k) for k in ("name", "target", "precision", "status", "verification", "ops")}
-                            for r in s.get("artifacts", [])]
-        rec.update({k: s.get(k) for k in ("skipped", "rejected", "failed", "warnings")})
+        rec.update(_read_convert(summ))
     return rec
+
+
+def _read_convert(summ: Path) -> dict[str, Any]:
+    s = json.loads(summ.read_text())
+    return {"available": True, "summary": str(summ), "command": s.get("command"),
+            "artifacts": [{k: r.get(k) for k in ("name", "target", "precision", "status", "verification", "ops")}
+                          for r in s.get("artifacts", [])],
+            **{k: s.get(k) for k in ("skipped", "rejected", "failed", "warnings")}}
 
 
 # ----------------------------------------------------------------------------- latency

@@ -206,7 +206,7 @@ class OpenVINOTarget(Target):
             raise
         except Exception as exc:
             raise ConversionError(f"{ctx.source.path}: NNCF quantisation failed ({type(exc).__name__}: {exc})") from exc
-        return qm, quant, cs.manifest(f"nncf-{preset_name}", "nncf"), warnings
+        return qm, quant, {**cs.manifest(method, "nncf"), "preset": preset_name}, warnings
 
 
 register(OpenVINOTarget())

@@ -65,12 +65,14 @@ class TFLiteTarget(Target):
     precisions = ("fp32", "fp16", "dynamic", "int8", "int16x8")
     source_formats = ("tf-keras", "keras3")
     not_supported = {"bf16": "TFLite has no bf16 model type"}
-    options = {"tflite_io": "float", "tflite_float_fallback": True}
+    options = {"tflite_io": "float", "tflite_float_fallback": True, "tflite_per_channel": True}
     option_help = {
         "tflite_io": "int8 model inputs/outputs: 'float' (QUANTIZE/DEQUANTIZE inside the model) or 'int8' "
                      "(fully integer; the runner quantises the input)",
         "tflite_float_fallback": "if an op has no int8 kernel, keep it in float (listed in the manifest) "
                                  "instead of failing",
+        "tflite_per_channel": "per-channel int8 weight scales (off: one scale per tensor; smaller file, "
+                              "usually less accurate for depthwise convolutions)",
     }
 
     def unsupported(self, precision: str, source_format: str) -> str | None:
@@ -121,7 +123,10 @@ class TFLiteTarget(Target):
             if io == "int8":
                 c.inference_input_type = tf.int8
                 c.inference_output_type = tf.int8
-            quant = {"scheme": "full integer", "weights": "int8 per-channel (symmetric)",
+            per_channel = bool(ctx.options.get("tflite_per_channel", True))
+            c._experimental_disable_per_channel = not per_channel
+            quant = {"scheme": "full integer",
+                     "weights": "int8 " + ("per-channel" if per_channel else "per-tensor") + " (symmetric)",
                      "activations": "int8 per-tensor (asymmetric)", "io": io, "float_fallback": False}
         elif precision == "int16x8":
             c.optimizations = [tf.lite.Optimize.DEFAULT]

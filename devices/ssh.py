@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,18 +145,53 @@ class SSHTransport:
     def run(self, remote_command: str, timeout: float | None = None, stream_stderr: bool = False) -> str:
         """Run a shell command on the device; return its stdout. Failures raise SSHError."""
         argv = self.ssh_argv(remote_command)
+        if stream_stderr:
+            rc, out, err = self._run_streaming(argv, timeout)
+        else:
+            try:
+                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired as exc:
+                raise SSHError(f"{self.address.url}: remote command timed out after {timeout:.0f} s") from exc
+            rc, out, err = proc.returncode, proc.stdout, proc.stderr or ""
+        if rc == 255:
+            raise SSHError(_explain(err, self.address, self.known_hosts))
+        if rc != 0:
+            raise SSHError(f"{self.address.url}: remote command failed (exit {rc}): "
+                           f"{remote_command[:200]}\n{err.strip()[-1500:]}")
+        return out
+
+    def _run_streaming(self, argv: list[str], timeout: float | None) -> tuple[int, str, str]:
+        """Run with the remote stderr shown live (progress lines) and kept for error messages."""
+        import threading
+
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, bufsize=1)
+        tail: list[str] = []
+        chunks: list[str] = []
+
+        def pump_err() -> None:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+                tail.append(line)
+                del tail[:-200]
+
+        def pump_out() -> None:
+            assert proc.stdout is not None
+            chunks.append(proc.stdout.read())
+
+        threads = [threading.Thread(target=pump_err, daemon=True), threading.Thread(target=pump_out, daemon=True)]
+        for t in threads:
+            t.start()
         try:
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=None if stream_stderr else subprocess.PIPE, text=True, timeout=timeout)
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired as exc:
+            proc.kill()
             raise SSHError(f"{self.address.url}: remote command timed out after {timeout:.0f} s") from exc
-        if proc.returncode == 255:
-            raise SSHError(_explain(proc.stderr or "", self.address, self.known_hosts))
-        if proc.returncode != 0:
-            tail = (proc.stderr or "").strip()[-1500:]
-            raise SSHError(f"{self.address.url}: remote command failed (exit {proc.returncode}): "
-                           f"{remote_command[:200]}\n{tail}")
-        return proc.stdout
+        for t in threads:
+            t.join(5)
+        return rc, "".join(chunks), "".join(tail)
 
     def _scp(self, args: list[str], timeout: float | None) -> None:
         argv = ["scp", "-q", "-p", *self.common_options(), "-P", str(self.address.port), "--", *args]

@@ -7,12 +7,12 @@ documented settings; otherwise a quicker resnet50-lite (64 px, width 0.5, a stra
 400-per-class subset of Training, 10 epochs) is trained into ``OUT/model-quick`` (and reused on
 the next run). The output says which. Then every target (TFLite, ONNX, OpenVINO) is converted at
 fp32 and int8, benchmarked on Testing with the ``host`` profile, and gated with the default
-thresholds. Exit code: the gate's (0 pass, 1 regression, 2 missing data).
+thresholds. Exit code 0 when the gate reached a verdict (pass or a caught regression), 2 when it
+could not trust the data; ``--strict`` exits with the gate's own code (1 on a regression).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
@@ -86,40 +86,29 @@ def choose_model(models_dir: Path, out: Path, data: Path, retrain: bool = False)
     return quick / "model.keras", "quick"
 
 
-def pipeline_available() -> list[str]:
-    """Which of the later stages are missing from this installation."""
-    return [m for m in ("edgebrain.convert", "edgebrain.bench") if importlib.util.find_spec(m) is None]
-
-
-def evaluate_only(model: Path, data: Path, out: Path) -> dict[str, Any]:
-    from . import data as D
-    from .modelcard import ModelCard
-    from .models.variants import load_keras_model
-    from .train import evaluate_model
-
-    card = ModelCard.find(model)
-    if card is None:
-        raise EdgebrainError(f"{model}: no model_card.json beside it")
-    m = load_keras_model(model)
-    res = evaluate_model(m, D.scan(data), card.preprocess)
-    from .io import atomic_write_json
-
-    atomic_write_json(out / "evaluation.json", res)
-    return res
-
-
 def run_pipeline(model: Path, data: Path, out: Path, threads: int | None) -> int:
     from .bench import bench
-    from .convert import convert
+    from .convert import ConvertFailed, convert
     from .gate import gate, write_junit, write_summary
 
     say(f"[2/4] convert: {', '.join(TARGETS)} x {', '.join(PRECISIONS)} -> {out / 'artifacts'}")
     t0 = time.time()
-    arts = convert(model, TARGETS, PRECISIONS, out / "artifacts", overwrite=True)
+    rejected: list[str] = []
+    try:
+        arts = convert(model, TARGETS, PRECISIONS, out / "artifacts", overwrite=True)
+    except ConvertFailed as exc:  # verification refused some: they never reach bench, and cannot pass
+        arts = exc.artifacts
+        rejected = [f"{r['target']} {r['precision']}: {r['reason']}" for r in exc.summary.get("rejected", [])]
+        rejected += [f"{f['target']} {f['precision']}: {f['error']}" for f in exc.summary.get("failed", [])]
+        for r in rejected:
+            say(f"      REJECTED at conversion: {r}")
+        if not arts:
+            raise
     say(f"      {len(arts)} artifacts in {time.time() - t0:.0f} s: " + ", ".join(a.name for a in arts))
     say(f"[3/4] bench: Testing, host profile -> {out / 'bench'}")
     t0 = time.time()
-    bench([a.path for a in arts], data, device="host", reference=model, out=out / "bench", threads=threads)
+    bench([a.path for a in arts], data, device="host", reference=model, out=out / "bench", threads=threads,
+          overwrite=True)
     say(f"      done in {time.time() - t0:.0f} s")
     results = out / "bench" / "results.json"
     say(f"[4/4] gate: {results}")
@@ -133,14 +122,19 @@ def run_pipeline(model: Path, data: Path, out: Path, threads: int | None) -> int
     for s in rep.subjects:
         bad = [c.name for c in s.checks if c.status in ("fail", "error")]
         acc = s.metrics.get("accuracy")
-        say(f"      {s.key:28s} accuracy {100 * acc:6.2f}%  {s.status}" + (f" ({', '.join(bad)})" if bad else "")
+        say(f"      {s.key:40s} accuracy {100 * acc:6.2f}%  {s.status}" + (f" ({', '.join(bad)})" if bad else "")
             if isinstance(acc, (int, float)) else f"      {s.key}: {s.status}")
     for _, c in rep.failures():
         say(f"      - {c.message}")
     say(f"bench report: {out / 'bench' / 'report.html'} (and results.md)")
     say(f"gate report:  {gdir / 'summary.md'}, {gdir / 'junit.xml'}")
-    say(f"GATE VERDICT: {rep.verdict}")
-    return rep.exit_code
+    code = rep.exit_code
+    verdict = rep.verdict
+    if rejected:
+        verdict += f"; and {len(rejected)} artifact(s) rejected at conversion"
+        code = max(code, 1)
+    say(f"GATE VERDICT: {verdict} (exit code {code}" + ("; in CI this fails the job)" if code else ")"))
+    return code
 
 
 @click.command()
@@ -150,25 +144,20 @@ def run_pipeline(model: Path, data: Path, out: Path, threads: int | None) -> int
               show_default=True, help="Where `make models` put the documented models.")
 @click.option("--retrain", is_flag=True, help="Retrain the quick model even if one exists.")
 @click.option("--threads", type=int, default=None, help="Inference threads for bench (default: all cores).")
-def main(data_dir: Path, out: Path, models_dir: Path, retrain: bool, threads: int | None) -> None:
-    """train -> convert -> bench -> gate on the real data, ending with the gate's verdict."""
+@click.option("--strict", is_flag=True, help="Exit with the gate's code (1 on a regression) instead of 0.")
+def main(data_dir: Path, out: Path, models_dir: Path, retrain: bool, threads: int | None, strict: bool) -> None:
+    """train -> convert -> bench -> gate on the real data, ending with the gate's verdict.
+
+    Exits 0 when the pipeline ran and the gate reached a verdict (PASS, or FAIL on a regression: the
+    gate doing its job), 2 when the gate could not trust the data; --strict exits with the gate's code.
+    """
     try:
         if not (data_dir / "Testing").is_dir():
             raise EdgebrainError(f"dataset not found at {data_dir} (expected Training/ and Testing/)")
         out.mkdir(parents=True, exist_ok=True)
-        model, kind = choose_model(models_dir, out, data_dir, retrain)
-        missing = pipeline_available()
-        if missing:
-            say(f"[2/4] {', '.join(missing)} not available in this installation: evaluating the model on "
-                "Testing instead of convert -> bench -> gate")
-            res = evaluate_only(model, data_dir, out)
-            t, dd = res["testing"], res["testing_dedup"] or {}
-            say(f"      Testing accuracy {100 * t['accuracy']:.2f}% (n={t['n']}), macro-F1 {t['macro_f1']:.3f}; "
-                f"deduplicated {100 * dd.get('accuracy', float('nan')):.2f}% (n={dd.get('n')})")
-            say(f"      written to {out / 'evaluation.json'}")
-            say("GATE VERDICT: not run (convert/bench missing)")
-            raise SystemExit(2)
-        raise SystemExit(run_pipeline(model, data_dir, out, threads))
+        model, _kind = choose_model(models_dir, out, data_dir, retrain)
+        code = run_pipeline(model, data_dir, out, threads)
+        raise SystemExit(code if strict or code == 2 else 0)
     except EdgebrainError as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -389,7 +389,17 @@ def _guard(name: str, fn: Any, *args: Any) -> Check:
         return Check(name, ERROR, str(exc))
 
 
-def _check_accuracy(rec: dict[str, Any], ref: dict[str, Any], what: str, th: Thresholds) -> Check:
+def _same_images(rec: dict[str, Any], ref: dict[str, Any], n: int | None, what: str) -> None:
+    """Artifact and reference must have been scored on the same number of images as the run says."""
+    counts = {"data.n": n, what: rec.get("n"), "reference": ref.get("n")}
+    known = {k: v for k, v in counts.items() if v is not None}
+    if len({int(v) if _finite(v) else str(v) for v in known.values()}) > 1:
+        raise MissingMetric(f"{what}: evaluated on different numbers of images ("
+                            + ", ".join(f"{k} n={v}" for k, v in known.items()) + "): not a paired comparison")
+
+
+def _check_accuracy(rec: dict[str, Any], ref: dict[str, Any], n: int | None, what: str, th: Thresholds) -> Check:
+    _same_images(rec, ref, n, what)
     acc = _num(rec, "accuracy", what, 0.0, 1.0)
     racc = _num(ref, "accuracy", "reference", 0.0, 1.0)
     drop = _pp(racc - acc)
@@ -673,6 +683,10 @@ def gate(results_json: str | Path, baseline: str | Path | None = None, max_drop:
         recs = []
     for w in results.get("warnings") or []:
         report.notes.append(f"bench warning: {w}")
+    failed = data.get("failed")
+    if isinstance(failed, list) and failed:
+        report.notes.append(f"{len(failed)} image(s) could not be read and were left out of every model's score, "
+                            f"e.g. {failed[0].get('file') if isinstance(failed[0], dict) else failed[0]}")
 
     base: dict[str, Any] | None = None
     if baseline is not None and not update_baseline:
@@ -707,7 +721,7 @@ def gate(results_json: str | Path, baseline: str | Path | None = None, max_drop:
             s.checks += [Check(c, ERROR, msg) for c in ("accuracy", "class_recall", "agreement", "min_accuracy",
                                                         "non_inferiority")]
         else:
-            s.checks.append(_guard("accuracy", _check_accuracy, rec, ref, what, th))
+            s.checks.append(_guard("accuracy", _check_accuracy, rec, ref, int(n) if n else None, what, th))
             s.checks.append(_guard("class_recall", _check_class_recall, rec, ref, classes, what, th))
             s.checks.append(_guard("agreement", _check_agreement, rec, int(n) if n else None, what, th))
             s.checks.append(_guard("min_accuracy", _check_min_accuracy, rec, what, th))

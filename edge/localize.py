@@ -148,8 +148,10 @@ class _Evaluator:
         return np.asarray(self.fn(xb), np.float32)
 
     def run(self, boxes: list[Box]) -> None:
-        for i in range(0, len(boxes), self.batch):
+        i = 0
+        while i < len(boxes):
             chunk = boxes[i:i + self.batch]
+            i += len(chunk)
             xb = np.repeat(self.img[None], self.batch, axis=0)
             for j, (x0, y0, x1, y1) in enumerate(chunk):
                 xb[j, y0:y1, x0:x1] = self.fill

@@ -319,7 +319,7 @@ def plot_latency_bars(doc: dict[str, Any]) -> str:
     ax.set_yticks(ys)
     ax.set_yticklabels(labels, fontsize=8)
     ax.set_xlabel("ms")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     return _png(fig)
@@ -447,9 +447,10 @@ def render_html(doc: dict[str, Any]) -> str:
                          f"<td class=\"l\">{esc(f['label'])}</td><td>{f['prob']:.3f}</td></tr>")
         parts.append("</tbody></table></div>" + (f"<p class=\"muted\">… and {more} more in results.json</p>"
                                                  if more > 0 else ""))
-    if not any_flips:
-        parts.append("<p class=\"muted\">None: every model agrees with the reference on every image"
-                     + ("" if ref else " (no reference)") + ".</p>")
+    if not ref:
+        parts.append("<p class=\"muted\">No reference (--no-reference): nothing to compare with.</p>")
+    elif not any_flips:
+        parts.append("<p class=\"muted\">None: every model agrees with the reference on every image.</p>")
 
     if d.get("failed"):
         parts.append('<h2>Images that could not be read</h2><ul class="err">'

@@ -490,9 +490,22 @@ def _cls_metrics(classifier: Any, x: np.ndarray, y: np.ndarray, spec: Preprocess
     from .metrics import classification_metrics
     from .train import predict_probs
 
-    m = classification_metrics(y, predict_probs(classifier, x, spec), class_names)
+    probs = predict_probs(classifier, x, spec)
+    m = classification_metrics(y, probs, class_names)
     m["recall"] = {c: v["recall"] for c, v in m["per_class"].items()}
+    m["_correct"] = probs.argmax(1) == np.asarray(y)
     return m
+
+
+def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, Any]:
+    """Exact McNemar test (scipy binomial test on the discordant pairs): b = only A right,
+    c = only B right."""
+    from scipy.stats import binomtest
+
+    b = int(np.sum(correct_a & ~correct_b))
+    c = int(np.sum(~correct_a & correct_b))
+    p = float(binomtest(b, b + c, 0.5).pvalue) if b + c else 1.0
+    return {"b": b, "c": c, "p_value": p}
 
 
 def three_way(sr_model: Any, classifier: Any, hr: np.ndarray, y: np.ndarray, spec_hr: PreprocessSpec,
@@ -513,6 +526,9 @@ def three_way(sr_model: Any, classifier: Any, hr: np.ndarray, y: np.ndarray, spe
             "sr": _cls_metrics(classifier, sr_apply(sr_model, lr), y, spec_hr, class_names),
         }
         out[name]["sr_minus_bicubic_accuracy"] = out[name]["sr"]["accuracy"] - out[name]["bicubic"]["accuracy"]
+        out[name]["mcnemar_sr_vs_bicubic"] = mcnemar(out[name]["sr"]["_correct"], out[name]["bicubic"]["_correct"])
+    for rec in [out["native"]] + [out[k][w] for k in sources for w in ("bicubic", "sr")]:
+        rec.pop("_correct")
     out["degradation_seed"] = seed
     out["n"] = int(len(y))
     return out
@@ -579,6 +595,32 @@ def evaluate_sr_resnet50(sr_model: Any, classifier: Any, ds: D.Dataset, spec_hr:
         "int8": policy,
         "pipeline": pipeline_record(scale, lr_size, hr_size, spec_hr, policy, len(ds.class_names)),
     }
+
+
+def evaluate_pipeline(folder: str | Path, data_dir: str | Path, per_class: int | None = None,
+                      seed: int = 0) -> dict[str, Any]:
+    """Re-run the three-way Testing evaluation of a saved sr-resnet50 folder (its sr.keras and
+    classifier.keras), e.g. after a change of evaluation seed or on another copy of the data."""
+    from .models.variants import load_keras_model
+
+    folder = Path(folder)
+    card = ModelCard.find(folder / MODEL_FILE)
+    if card is None or "sr" not in card.extra:
+        raise ModelError(f"{folder}: no sr-resnet50 model card")
+    info = card.extra["sr"]
+    sr_model = load_keras_model(folder / SR_STAGE_FILE)
+    cls = load_keras_model(folder / CLASSIFIER_STAGE_FILE)
+    stage = card.extra["pipeline"]["stages"][1]
+    spec_hr = PreprocessSpec.from_dict(stage["preprocess"])
+    ds = D.scan(data_dir)
+    test = ds.split("Testing")
+    if per_class:
+        test = D.subset(test, per_class, seed)
+    hr_size, lr_size, scale = int(info["hr_size"]), int(info["lr_size"]), int(info["scale"])
+    hr = D.load_arrays(test, (hr_size, hr_size), desc="Testing (HR)")
+    lr = D.load_arrays(test, (lr_size, lr_size), desc="Testing (LR)")
+    return three_way(sr_model, cls, hr.x, hr.y, spec_hr, ds.class_names, scale, EVAL_SEED,
+                     Degradation.from_dict(info["degradation"]), lr.x)
 
 
 def save_stages(folder: str | Path, composite: Any) -> dict[str, str]:

@@ -62,6 +62,8 @@ def _command_line() -> str | None:
               help="TFLite int8 input/output type (default float).")
 @click.option("--tflite-float-fallback/--no-tflite-float-fallback", default=None,
               help="Keep ops without int8 kernels in float (listed in the manifest) instead of failing (default on).")
+@click.option("--tflite-per-channel/--tflite-per-tensor", default=None,
+              help="TFLite int8 weight scales (default per-channel).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (>= 13, default 17).")
 @click.option("--onnx-format", type=click.Choice(["qoperator", "qdq"]), default=None,
               help="ONNX int8 form (default qoperator).")
@@ -105,7 +107,6 @@ def command(model: Path, targets: str, precisions: str, out: Path, as_json: bool
     """
     from ..convert import ConvertFailed, convert
 
-    kw = {k: v for k, v in kw.items()}
     try:
         arts = convert(model, targets, precisions, out, command=_command_line(), **kw)
         failed = None

@@ -114,3 +114,22 @@ def test_unsupported_pairs_are_skipped_with_reasons(converted: dict[str, Any]) -
     for t, p in expected:  # nothing was written under a misleading name
         assert not (converted["out"] / f"{t}-{p}").exists()
     assert not list(converted["out"].glob(".*partial*")) and not list(converted["out"].glob(".convert-work-*"))
+
+
+@pytest.mark.slow
+def test_options_qdq_entropy_and_accuracy_control(trained_small: Path, tmp_path: Path, cache_env: Path) -> None:
+    """ONNX QDQ S8S8 with entropy calibration, and OpenVINO int8 with NNCF accuracy control."""
+    from edgebrain.convert import convert
+
+    arts = convert(trained_small, "onnx,openvino", "int8", tmp_path, calib_size=32, verify_n=32, min_agreement=0.7,
+                   calib_method="entropy", onnx_format="qdq", onnx_activations="s8", max_drop=0.02)
+    by = {a.target: a.manifest for a in arts}
+    q = by["onnx"]["quantization"]
+    assert (q["format"], q["activations"].split()[0]) == ("qdq", "s8")
+    assert by["onnx"]["calibration"]["method"] == "entropy" and by["onnx"]["ops"]["int8_ops"] > 0
+    assert by["onnx"]["ops"]["boundary_ops"] > 0  # Quantize/DequantizeLinear pairs
+    ov = by["openvino"]
+    assert ov["quantization"]["method"] == "nncf.quantize_with_accuracy_control"
+    assert ov["quantization"]["max_drop"] == 0.02 and ov["quantization"]["validation"]["n"] > 0
+    assert ov["calibration"]["method"] == "minmax" and any("entropy" in w for w in ov["warnings"])
+    assert ov["ops"]["int8_ops"] > 0

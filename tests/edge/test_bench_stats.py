@@ -147,3 +147,10 @@ def test_bench_help_is_fast_and_imports_nothing_heavy() -> None:
             "if m in sys.modules]\nprint('HEAVY', heavy)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_reference_device_label_comes_from_the_tensor_device() -> None:
+    from edgebrain.bench import _device_label
+
+    assert _device_label("/job:localhost/replica:0/task:0/device:GPU:0") == "GPU:0"
+    assert _device_label("/job:localhost/replica:0/task:0/device:CPU:0") == "CPU:0"

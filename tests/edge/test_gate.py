@@ -285,6 +285,18 @@ def test_non_finite_or_out_of_range_metric_fails_closed(tmp_path: Path, arts: di
     assert statuses(rep)["onnx-int8@host"]["accuracy"] == ERROR and rep.exit_code == 2
 
 
+def test_scored_on_different_images_fails_closed(tmp_path: Path, arts: dict[str, tuple[Path, str]]) -> None:
+    doc = good_results(arts)
+    doc["results"][0]["n"] = 399
+    doc["reference"]["n"] = 400
+    doc["data"]["failed"] = [{"file": "Testing/glioma/x.jpg", "problem": "truncated JPEG"}]
+    rep = gate(write(tmp_path / "r.json", doc))
+    c = rep.subjects[0].check("accuracy")
+    assert c is not None and c.status == ERROR and "not a paired comparison" in c.message
+    assert rep.subjects[1].check("accuracy").status == PASS  # type: ignore[union-attr]
+    assert any("Testing/glioma/x.jpg" in n for n in rep.notes) and rep.exit_code == 2
+
+
 def test_missing_reference_fails_closed(tmp_path: Path, arts: dict[str, tuple[Path, str]]) -> None:
     doc = good_results(arts)
     del doc["reference"]
@@ -308,6 +320,22 @@ def test_tampered_artifact_fails_closed(tmp_path: Path, arts: dict[str, tuple[Pa
     assert rep.exit_code == 2
     # the numbers alone would have passed: only --no-artifact-check lets them through
     assert gate(p, artifact_check=False).exit_code == 0
+
+
+def test_artifact_that_failed_verification_fails(tmp_path: Path, arts: dict[str, tuple[Path, str]]) -> None:
+    folder = tmp_path / "rejected" / "tflite-int8.rejected"
+    folder.mkdir(parents=True)
+    (folder / "model.tflite").write_bytes(b"int8 model that disagreed with its source")
+    m = write_manifest(folder, {
+        "name": "tflite-int8", "target": "tflite", "precision": "int8", "model_file": "model.tflite",
+        "preprocess": PreprocessSpec.named("rescale", 32).to_dict(), "class_names": CLASSES,
+        "source": {"sha256": SRC}, "verification": {"passed": False, "top1_agreement": 0.41, "threshold": 0.99},
+    })
+    doc = good_results(arts)
+    doc["results"][0]["artifact"], doc["results"][0]["artifact_sha256"] = str(folder), m["artifact_sha256"]
+    rep = gate(write(tmp_path / "r.json", doc))
+    c = rep.subjects[0].check("integrity")
+    assert c is not None and c.status == FAIL and "failed verification" in c.message and rep.exit_code == 1
 
 
 def test_result_measured_on_another_artifact_fails_closed(tmp_path: Path, arts: dict[str, tuple[Path, str]]) -> None:

@@ -138,7 +138,7 @@ def sr_resnet50(sr_x2: dict, data_dir: Path, tmp_path_factory: pytest.TempPathFa
     return out
 
 
-def test_sr_resnet50_pipeline_files_card_and_three_way(sr_resnet50: Path) -> None:
+def test_sr_resnet50_pipeline_files_card_and_three_way(sr_resnet50: Path, data_dir: Path) -> None:
     from edgebrain.modelcard import ModelCard
     from edgebrain.models.variants import load_keras_model
 
@@ -159,7 +159,12 @@ def test_sr_resnet50_pipeline_files_card_and_three_way(sr_resnet50: Path) -> Non
             rec = tw[src][way]
             assert set(rec["recall"]) == {"glioma", "meningioma", "notumor", "pituitary"}
             assert sum(map(sum, rec["confusion_matrix"])) == 32
+        mc = tw[src]["mcnemar_sr_vs_bicubic"]
+        assert mc["b"] + mc["c"] <= 32 and 0.0 <= mc["p_value"] <= 1.0
     assert set(tw["native"]["recall"]) == set(card.class_names)
+    again = SR.evaluate_pipeline(sr_resnet50, data_dir, per_class=8, seed=3)  # from the saved stage files
+    for src in ("degraded", "resized"):
+        assert again[src]["sr"]["confusion_matrix"] == tw[src]["sr"]["confusion_matrix"]
     # the assembled model is exactly SR stage -> classifier
     full = load_keras_model(sr_resnet50 / "model.keras")
     srm = load_keras_model(sr_resnet50 / "sr.keras")
