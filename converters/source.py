@@ -67,7 +67,8 @@ class Source:
         for i in range(0, len(x), batch):
             xb = x[i : i + batch]
             if self.is_keras:
-                y = np.asarray(self.model(xb, training=False))
+                out = self.model(xb, training=False)
+                y = out.numpy() if hasattr(out, "numpy") else np.asarray(out)
             else:
                 sess = self._ort()
                 y = sess.run(None, {sess.get_inputs()[0].name: xb})[0]
@@ -318,7 +319,10 @@ def load_source(path: str | Path, *, unsafe: bool = False, preprocess: str | Non
                  input_shape=shape, variant=variant, model=model, onnx_file=onnx_file, warnings=warnings,
                  notes=notes)
     if fmt == "onnx":
-        n_out = src.predict(np.zeros((1, *shape), np.float32)).shape[-1]
+        try:
+            n_out = src.predict(np.zeros((1, *shape), np.float32)).shape[-1]
+        except Exception as exc:
+            raise ModelError(f"{p}: onnxruntime cannot run this model ({type(exc).__name__}: {exc})") from exc
         if n_out != len(class_names):
             raise ModelError(f"{p}: the model has {n_out} outputs but {len(class_names)} class names")
     return src

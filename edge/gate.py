@@ -313,6 +313,8 @@ def load_results(path: str | Path) -> dict[str, Any]:
         res = read_json(p)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MissingMetric(f"{p}: not valid JSON ({exc})") from exc
+    except OSError as exc:
+        raise MissingMetric(f"{p}: cannot read it ({exc})") from exc
     if not isinstance(res, dict):
         raise MissingMetric(f"{p}: expected a JSON object from edgebrain bench")
     if res.get("kind") != RESULTS_KIND:
@@ -646,6 +648,8 @@ def gate(results_json: str | Path, baseline: str | Path | None = None, max_drop:
     if update_baseline and baseline is None:
         raise GateError("--update-baseline needs --baseline FILE (where to write it)")
     rpath = Path(results_json)
+    if rpath.is_dir():  # a bench --out folder
+        rpath = rpath / "results.json"
     report = GateReport(str(rpath), th, baseline_path=str(baseline) if baseline else None,
                         artifact_check=artifact_check)
     try:

@@ -166,6 +166,13 @@ def load_resized(path: PathLike, size: tuple[int, int], method: str = "bilinear"
                     orig = (int(im.size[1]), int(im.size[0]))
                     h, w = size
                     if im.size != (w, h):
+                        if im.mode == "RGB":
+                            # Greyscale scans saved as RGB (most RGB MRI JPEGs decode to R == G == B):
+                            # resize one channel instead of three; Pillow resamples channels
+                            # independently, so the result is identical.
+                            a = np.asarray(im)
+                            if np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2]):
+                                im = Image.fromarray(np.ascontiguousarray(a[..., 0]))
                         im = im.resize((w, h), _RESAMPLE[method])
                     if im.mode == "L":
                         g = np.asarray(im, dtype=np.uint8)

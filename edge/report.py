@@ -243,7 +243,7 @@ def plot_latency_accuracy(doc: dict[str, Any]) -> str:
             devices.append(r["device"]["label"])
     devices = devices or ["host"]
     n = len(devices)
-    fig = Figure(figsize=(6.2 * min(n, 2), 4.4 * math.ceil(n / 2)))
+    fig = Figure(figsize=(6.4 * min(n, 2), 5.6 * math.ceil(n / 2)))
     colors = {"tflite": "#1f77b4", "onnx": "#d62728", "openvino": "#2ca02c", "tensorflow": "#7f7f7f"}
     markers = {"fp32": "o", "fp16": "s", "bf16": "P", "int8": "D", "dynamic": "v", "int16x8": "^", "unknown": "x"}
     for k, dev in enumerate(devices):
@@ -256,17 +256,17 @@ def plot_latency_accuracy(doc: dict[str, Any]) -> str:
             yv = 100 * r["accuracy"]
             lo, hi = (100 * v for v in r["accuracy_ci95"])
             is_ref = r is ref
+            label = "reference (fp32)" if is_ref else f"{r['target']} {r['precision']}"
             ax.errorbar([x], [yv], yerr=[[yv - lo], [hi - yv]], fmt="*" if is_ref else markers.get(r["precision"], "o"),
                         color="black" if is_ref else colors.get(r["target"], "#9467bd"), ms=13 if is_ref else 8,
-                        capsize=3, lw=1)
-            ax.annotate("reference" if is_ref else f"{r['target']} {r['precision']}", (x, yv),
-                        textcoords="offset points", xytext=(6, 5), fontsize=8)
+                        capsize=3, lw=1, label=f"{label}: {x:.3g} ms, {yv:.2f}%")
         ax.set_xscale("log")
         ax.set_xlabel("model-only batch-1 latency p50 (ms, log scale)")
         ax.set_ylabel("accuracy (%) with 95% CI")
         ref_note = f"; reference on host {ref['device'].get('ran_on')}" if ref else ""
         ax.set_title(f"{dev}{ref_note}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.suptitle(f"Latency vs accuracy ({doc['data']['split']}, n={doc['data']['n']})", fontsize=11)
     return _png(fig)
 

@@ -264,6 +264,33 @@ def test_a_modified_artifact_is_refused(arts: dict[str, Path], data_dir: Path, t
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
 
 
+def _rewrite(src: Path, dst: Path, **changes: Any) -> Path:
+    """A copy of an artifact with manifest changes, re-hashed (a consistent, different artifact)."""
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    for k, v in changes.items():
+        m[k] = v
+    write_manifest(dst, {k: v for k, v in m.items() if k not in ("files", "artifact_sha256")})
+    return dst
+
+
+def test_wrong_source_and_fused_inputs_are_refused(arts: dict[str, Path], data_dir: Path, tmp_path: Path) -> None:
+    from edgebrain.fusion import FusionError
+
+    m = json.loads((arts["tflite-fp32"] / "manifest.json").read_text())
+    other = _rewrite(arts["tflite-fp32"], tmp_path / "other-source",
+                     source={**m["source"], "sha256": "0" * 64})
+    with pytest.raises(IntegrityError, match="not the model these artifacts were converted from"):
+        bench([other], data_dir, out=tmp_path / "o1", per_class=1)
+    with pytest.raises(BenchError, match="different source models"):
+        bench([arts["tflite-fp32"], other], data_dir, out=tmp_path / "o2", per_class=1)
+    fused = _rewrite(arts["onnx-fp32"], tmp_path / "fused", preprocess={
+        **m["preprocess"], "extra": {"fusion": {"method": "weighted", "mode": "rgb", "weight": 0.5}}})
+    with pytest.raises(FusionError, match="fused MRI\\+CT"):
+        bench([fused], data_dir, out=tmp_path / "o3", per_class=1, no_reference=True)
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+
+
 def _small_dataset(data_dir: Path, root: Path) -> Path:
     """3 real Testing images per class (symlinks), 1 Training image per class, and one corrupt file."""
     ds = D.scan(data_dir)

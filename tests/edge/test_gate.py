@@ -124,6 +124,9 @@ def statuses(rep: Any) -> dict[str, dict[str, str]]:
 def test_pass_case(tmp_path: Path, arts: dict[str, tuple[Path, str]]) -> None:
     rep = gate(write(tmp_path / "r.json", good_results(arts)))
     assert rep.status == PASS and rep.exit_code == 0, markdown_summary(rep)
+    (tmp_path / "bench").mkdir()
+    write(tmp_path / "bench" / "results.json", good_results(arts))
+    assert gate(tmp_path / "bench").exit_code == 0  # bench's --out folder works too
     st = statuses(rep)
     assert set(st) == {"tflite-int8@host", "onnx-int8@host"}
     for checks in st.values():
@@ -233,6 +236,7 @@ def test_empty_results_file_fails_closed(tmp_path: Path, arts: dict[str, tuple[P
     rep = gate(p)
     assert rep.exit_code == 2 and "empty" in rep.errors[0]
     assert gate(tmp_path / "missing.json").exit_code == 2
+    assert "results file not found" in gate(tmp_path).errors[0]  # a folder without results.json
     p.write_text("{not json")
     assert "not valid JSON" in gate(p).errors[0]
     doc = good_results(arts)
@@ -617,4 +621,33 @@ def test_ci_examples_use_real_gate_options(name: str) -> None:
         ctx = command.make_context("gate", list(args))  # raises on an unknown option
         assert ctx.params["junit"] is not None and ctx.params["summary"] is not None
         assert ctx.params["baseline"] is not None
-    assert "junit" in text and "make venv models" in text and "$DATA" in text
+    assert "junit" in text and "make venv artifacts/models/resnet50-lite-128/model.keras" in text and "$DATA" in text
+    # the convert and bench steps use options those commands really have
+    from edgebrain.cli.bench import command as bench_cmd
+    from edgebrain.cli.convert import command as convert_cmd
+
+    for prog, cmd in (("convert", convert_cmd), ("bench", bench_cmd)):
+        calls = _commands(text, prog)
+        assert calls, f"no edgebrain {prog} call in {name}"
+        for args in calls:
+            cmd.make_context(prog, list(args))
+
+
+def test_gate_never_imports_tensorflow(tmp_path: Path, arts: dict[str, tuple[Path, str]]) -> None:
+    """The gate runs in slim CI images: a whole gate run (CLI, reports) without TensorFlow."""
+    import subprocess
+    import sys
+
+    p = write(tmp_path / "r.json", good_results(arts))
+    code = (
+        "import sys\n"
+        "from edgebrain.cli import main\n"
+        "try:\n"
+        f"    main(['gate', {str(p)!r}, '--junit', {str(tmp_path / 'j.xml')!r}, '--summary', {str(tmp_path / 's.md')!r}])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code in (0, None), e.code\n"
+        "assert 'tensorflow' not in sys.modules and 'tf_keras' not in sys.modules, 'TensorFlow was imported'\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

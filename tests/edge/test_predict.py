@@ -314,6 +314,30 @@ def test_tampered_or_incomplete_artifacts_are_refused(arts: dict[str, Path], tmp
         Predictor(wrong)
 
 
+@pytest.mark.parametrize("preset", ["rescale", "xception", "caffe", "imagenet", "meanstd:10,20,30/40,50,60"])
+def test_lookup_table_preprocessing_is_bitwise_spec_apply(arts: dict[str, Path], tmp_path: Path,
+                                                           preset: str) -> None:
+    """The Predictor's fast uint8 preprocessing equals PreprocessSpec.apply exactly, for every
+    preset (caffe: BGR order and per-channel means)."""
+    import shutil
+
+    from edgebrain.preprocess import PreprocessSpec
+
+    folder = tmp_path / "a"
+    shutil.copytree(arts["fp32"], folder)
+    m = load_manifest(folder).manifest
+    spec = PreprocessSpec.named(preset, 64)
+    (folder / "manifest.json").unlink()
+    write_manifest(folder, {**{k: v for k, v in m.items() if k not in ("files", "artifact_sha256")},
+                            "preprocess": spec.to_dict()})
+    p = Predictor(folder, warmup=False)
+    x = np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    got = p.preprocess(x)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    assert np.array_equal(got, spec.apply(x))
+    assert np.array_equal(p.preprocess(x[0]), spec.apply(x[:1]))
+
+
 def test_iter_predict_yields_failures_in_order(int8: Predictor, scan: Path, tmp_path: Path) -> None:
     out = list(int8.iter_predict([scan, tmp_path / "nope.png", np.zeros((5, 7), np.uint8), np.zeros((3, 3, 2))]))
     assert [type(r).__name__ for r in out] == ["Prediction", "Failure", "Prediction", "Failure"]
