@@ -101,7 +101,8 @@ for f in files[:warm]:
 model, e2e, dec, pre, inf, old, new, pair = [], [], [], [], [], [], [], []
 for i in range(n):
     f = files[i % len(files)]
-    t0 = time.perf_counter(); p.runner.run(x[f]); model.append(time.perf_counter() - t0)
+    xi = x[f].copy()  # in cache, as a freshly preprocessed input is
+    t0 = time.perf_counter(); p.runner.run(xi); model.append(time.perf_counter() - t0)
     r = p.predict(f)
     pair.append(r.latency_ms / 1e3 / model[-1])
     e2e.append(r.latency_ms / 1e3); dec.append(r.timings_ms["decode"] / 1e3)
@@ -113,6 +114,8 @@ print(json.dumps({"runtime": p.runner.name, "n": n, "model_ms": med(model), "e2e
                   "decode_ms": med(dec), "preprocess_ms": med(pre), "infer_ms": med(inf),
                   "decode_general_ms": med(old), "decode_fast_ms": med(new),
                   "model_p90_ms": float(np.percentile(model, 90) * 1e3), "e2e_p90_ms": float(np.percentile(e2e, 90) * 1e3),
+                  "model_p10_ms": float(np.percentile(model, 10) * 1e3), "e2e_p10_ms": float(np.percentile(e2e, 10) * 1e3),
+                  "decode_p10_ms": float(np.percentile(dec, 10) * 1e3), "infer_p10_ms": float(np.percentile(inf, 10) * 1e3),
                   "paired_ratio_median": statistics.median(pair), "python": sys.version.split()[0]}))
 """
 
@@ -147,7 +150,13 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--runs", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/edge.md")
+    ap.add_argument("--render-only", type=Path, default=None, help="Re-render --out from a saved edge_runtime.json.")
     args = ap.parse_args()
+    if args.render_only:
+        from edgebrain.io import atomic_write_text
+
+        atomic_write_text(args.out, render(json.loads(args.render_only.read_text())))
+        return
     os.environ.setdefault("EDGEBRAIN_QUIET", "1")
     cmdline = "python " + shlex.join([str(Path(sys.argv[0]))] + sys.argv[1:])
     res: dict[str, Any] = {"command": cmdline, "host": platform.node(), "cpu": _cpu(), "date": time.strftime("%F %T"),
@@ -283,21 +292,35 @@ def render(r: dict[str, Any]) -> str:
         f"{lat['n']} interleaved warm runs over real Testing JPEGs (224 x 224) after 30 warm-up images; "
         "model-only = the runner on the image's already preprocessed input; e2e = `Predictor.predict(path)`.",
         "",
-        "| measure | median | p90 |",
-        "| --- | ---: | ---: |",
-        f"| model only | {lat['model_ms']:.2f} ms | {lat['model_p90_ms']:.2f} ms |",
-        f"| end to end (decode + preprocess + infer) | {lat['e2e_ms']:.2f} ms | {lat['e2e_p90_ms']:.2f} ms |",
-        f"| of which decode + resize | {lat['decode_ms']:.2f} ms | |",
-        f"| of which preprocess | {lat['preprocess_ms']:.3f} ms | |",
-        f"| of which infer (quantise + invoke + dequantise) | {lat['infer_ms']:.2f} ms | |",
+        "| measure | median | p10 | p90 |",
+        "| --- | ---: | ---: | ---: |",
+        f"| model only | {lat['model_ms']:.2f} ms | {lat.get('model_p10_ms', float('nan')):.2f} ms | {lat['model_p90_ms']:.2f} ms |",
+        f"| end to end (decode + preprocess + infer) | {lat['e2e_ms']:.2f} ms | {lat.get('e2e_p10_ms', float('nan')):.2f} ms "
+        f"| {lat['e2e_p90_ms']:.2f} ms |",
+        f"| of which decode + resize | {lat['decode_ms']:.2f} ms | {lat.get('decode_p10_ms', float('nan')):.2f} ms | |",
+        f"| of which preprocess | {lat['preprocess_ms']:.3f} ms | | |",
+        f"| of which infer (quantise + invoke + dequantise) | {lat['infer_ms']:.2f} ms | "
+        f"{lat.get('infer_p10_ms', float('nan')):.2f} ms | |",
         f"| **ratio e2e / model-only** (of the medians) | **{lat['ratio']:.3f}** "
-        f"({'meets' if lat['ratio'] <= 1.2 else 'misses'} the 1.2 goal) | |",
-        f"| ratio e2e / model-only (median of the {lat['n']} adjacent pairs) | {lat['paired_ratio_median']:.3f} | |",
+        f"({'meets' if lat['ratio'] <= 1.2 else 'misses'} the 1.2 goal) | | |",
+        f"| ratio e2e / model-only (median of the {lat['n']} adjacent pairs) | {lat['paired_ratio_median']:.3f} | | |",
+        *([f"| ratio of the p10s (the uncontended cost) | | {lat['e2e_p10_ms'] / lat['model_p10_ms']:.3f} | |"]
+          if "e2e_p10_ms" in lat else []),
         "",
         f"Decoder: the fast path (Pillow resizes 8-bit greyscale/RGB before any NumPy copy; greyscale as one "
         f"channel; pixel-identical to the general path) takes {lat['decode_fast_ms']:.2f} ms per image vs "
         f"{lat['decode_general_ms']:.2f} ms for decode-to-RGB-then-resize.",
         "",
+        *([] if lat["ratio"] <= 1.2 else [
+            f"Why the goal is missed: this int8 model is small (1.35 M parameters at 128 px) and runs in "
+            f"{lat['model_ms']:.2f} ms, so the fixed cost of turning a 224 px JPEG into its input (decode "
+            f"+ bilinear resize {lat['decode_ms']:.2f} ms, preprocessing {lat['preprocess_ms']:.3f} ms) "
+            f"alone is {100 * (lat['decode_ms'] + lat['preprocess_ms']) / lat['model_ms']:.0f} % of it. "
+            "Loading was made faster without changing a single pixel (the model must see the training "
+            "pipeline's pixels): Pillow resizes before any NumPy copy; RGB files whose channels are "
+            "equal are resized as one channel; preprocessing is a uint8 lookup table (bitwise equal to "
+            "PreprocessSpec.apply). JPEG DCT scaling (Pillow `draft`) cannot help at 224 -> 128 "
+            "(the next scale, 112 px, is below the input size) and would change the pixels.", ""]),
         f"Verification at conversion: {json.dumps(r['artifact']['verification'])}.",
         "",
     ]

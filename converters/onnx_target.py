@@ -30,6 +30,7 @@ from .source import DEFAULT_OPSET, MIN_OPSET
 MODEL_FILE = "model.onnx"
 BOUNDARY = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 INTEGER_OPS = {"ConvInteger", "MatMulInteger", "QGemm", "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+HEAD_OPS = {"MatMul", "Gemm", "Softmax"}  # the classifier head, kept float with float_head
 LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Shape", "Gather",
               "Concat", "Slice"}
 
@@ -89,6 +90,7 @@ class ONNXTarget(Target):
         "onnx_weights": "s8",
         "onnx_per_channel": True,
         "onnx_reduce_range": False,
+        "float_head": False,
     }
     option_help = {
         "opset": f"ONNX opset of the export (>= {MIN_OPSET})",
@@ -191,18 +193,21 @@ class ONNXTarget(Target):
 
         per_channel = bool(o.get("onnx_per_channel", True))
         reduce_range = bool(o.get("onnx_reduce_range", False))
+        float_head = bool(o.get("float_head", False))
+        exclude = [n.name for n in g.node if n.op_type in HEAD_OPS] if float_head else []
         cm = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}[method]
         try:
             quantize_static(str(pre), str(dst), Reader(), quant_format=formats[fmt], per_channel=per_channel,
                             reduce_range=reduce_range, activation_type=types[act], weight_type=types[wt],
-                            calibrate_method=cm)
+                            calibrate_method=cm, nodes_to_exclude=exclude or None)
         except Exception as exc:
             raise ConversionError(f"{export}: onnxruntime static quantisation failed "
                                   f"({type(exc).__name__}: {exc})") from exc
         quant = {"scheme": "static", "format": fmt, "activations": f"{act} per-tensor", "weights": wt,
                  "per_channel": per_channel, "reduce_range": reduce_range,
-                 "tool": "onnxruntime.quantization.quantize_static", "preprocess": "quant_pre_process"}
+                 "tool": "onnxruntime.quantization.quantize_static", "preprocess": "quant_pre_process",
+                 "float_head": float_head, "nodes_excluded": exclude}
         return quant, cs.manifest(method, "onnxruntime"), warnings
 
     def count_ops(self, model_file: Path) -> dict[str, Any] | None:

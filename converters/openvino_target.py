@@ -79,6 +79,8 @@ class OpenVINOTarget(Target):
         "nncf_preset": "performance",
         "max_drop": None,
         "openvino_fp16_compute": "f32",
+        "float_head": False,
+        "nncf_fast_bias_correction": True,
     }
     option_help = {
         "openvino_from": "what convert_model reads: onnx (the tf2onnx export / ONNX source) or saved_model",
@@ -86,6 +88,7 @@ class OpenVINOTarget(Target):
         "max_drop": "int8 with accuracy control: largest allowed absolute top-1 drop on the validation split "
                     "(0.005 = 0.5 pp); layers are reverted to float until it holds",
         "openvino_fp16_compute": "compute precision for fp16 (compressed-weight) IR: f32 or f16",
+        "nncf_fast_bias_correction": "NNCF fast bias correction (off: the slower, more exact BiasCorrection)",
     }
 
     # ------------------------------------------------------------------ IR
@@ -173,15 +176,18 @@ class OpenVINOTarget(Target):
         cs = ctx.calib()
         calib_ds = nncf.Dataset(cs.batches(1))
         max_drop = o.get("max_drop")
+        fbc = bool(o.get("nncf_fast_bias_correction", True))
+        float_head = bool(o.get("float_head", False))
+        ignored = nncf.IgnoredScope(types=["MatMul", "Softmax"], validate=False) if float_head else None
         quant: dict[str, Any] = {"scheme": "static", "tool": "nncf", "preset": preset_name,
-                                 "subset_size": len(cs), "fast_bias_correction": True,
+                                 "subset_size": len(cs), "fast_bias_correction": fbc, "float_head": float_head,
                                  "weights": "int8 per-channel (symmetric)",
                                  "activations": "int8 per-tensor " + ("(symmetric)" if preset_name == "performance"
                                                                       else "(asymmetric)")}
         try:
             if max_drop is None:
                 qm = nncf.quantize(model, calib_ds, preset=presets[preset_name], subset_size=len(cs),
-                                   fast_bias_correction=True)
+                                   fast_bias_correction=fbc, ignored_scope=ignored)
                 quant["method"] = "nncf.quantize"
             else:
                 if ctx.validation is None:
@@ -199,7 +205,7 @@ class OpenVINOTarget(Target):
                 qm = nncf.quantize_with_accuracy_control(
                     model, calib_ds, val_ds, validate, max_drop=float(max_drop),
                     drop_type=nncf.DropType.ABSOLUTE, preset=presets[preset_name], subset_size=len(cs),
-                    fast_bias_correction=True)
+                    fast_bias_correction=fbc, ignored_scope=ignored)
                 quant.update({"method": "nncf.quantize_with_accuracy_control", "max_drop": float(max_drop),
                               "drop_type": "absolute", "validation": {"split": "val", "n": len(items)}})
         except ConversionError:

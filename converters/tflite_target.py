@@ -65,7 +65,7 @@ class TFLiteTarget(Target):
     precisions = ("fp32", "fp16", "dynamic", "int8", "int16x8")
     source_formats = ("tf-keras", "keras3")
     not_supported = {"bf16": "TFLite has no bf16 model type"}
-    options = {"tflite_io": "float", "tflite_float_fallback": True, "tflite_per_channel": True}
+    options = {"tflite_io": "float", "tflite_float_fallback": True, "tflite_per_channel": True, "float_head": False}
     option_help = {
         "tflite_io": "int8 model inputs/outputs: 'float' (QUANTIZE/DEQUANTIZE inside the model) or 'int8' "
                      "(fully integer; the runner quantises the input)",
@@ -73,6 +73,8 @@ class TFLiteTarget(Target):
                                  "instead of failing",
         "tflite_per_channel": "per-channel int8 weight scales (off: one scale per tensor; smaller file, "
                               "usually less accurate for depthwise convolutions)",
+        "float_head": "int8: keep the classifier head (fully-connected layers and softmax) in float; the "
+                      "convolutions stay int8 (all targets)",
     }
 
     def unsupported(self, precision: str, source_format: str) -> str | None:
@@ -138,8 +140,14 @@ class TFLiteTarget(Target):
         else:  # pragma: no cover - guarded by unsupported()
             raise ConversionError(f"tflite: unsupported precision {precision}")
 
+        float_head = bool(ctx.options.get("float_head", False)) and precision == "int8"
         try:
-            blob = c.convert()
+            blob = self._float_head(tf, c) if float_head else c.convert()
+            if float_head:
+                assert quant is not None
+                quant["float_head"] = True
+                quant["io"] = "float"
+                quant["scheme"] = "full integer except the classifier head (FULLY_CONNECTED, SOFTMAX in float)"
         except Exception as exc:
             if precision not in ("int8", "int16x8") or not ctx.options.get("tflite_float_fallback", True):
                 raise ConversionError(f"{src.path}: TFLite conversion to {precision} failed "
@@ -161,6 +169,20 @@ class TFLiteTarget(Target):
             warnings.append(f"{ops['float_ops']} op(s) run in float: {', '.join(ops['float_op_types'])}")
         return Built(model_file=MODEL_FILE, quantization=quant, calibration=calib_block, ops=ops,
                      warnings=warnings, files=[MODEL_FILE])
+
+    @staticmethod
+    def _float_head(tf: Any, c: Any) -> bytes:
+        """Selective quantisation (``QuantizationDebugger`` with ``denylisted_ops``): fully-connected
+        layers and softmax stay float, everything else is int8."""
+        c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+        c.inference_input_type = tf.float32
+        c.inference_output_type = tf.float32
+        rep = c.representative_dataset
+        dbg = tf.lite.experimental.QuantizationDebugger(
+            converter=c, debug_dataset=rep,
+            debug_options=tf.lite.experimental.QuantizationDebugOptions(
+                denylisted_ops=["FULLY_CONNECTED", "SOFTMAX"]))
+        return bytes(dbg.get_nondebug_quantized_model())
 
     def count_ops(self, model_file: Path) -> dict[str, Any] | None:
         return tflite_ops(model_file)

@@ -472,6 +472,8 @@ def assemble(sr_model: Any, classifier: Any, lr_size: int) -> Any:
     K = keras()
     sr = resize_sr(sr_model, lr_size, name="sr")
     sr.trainable = False
+    if getattr(classifier, "optimizer", None) is not None:  # keep training state out of the artifact
+        classifier = K.Model(classifier.inputs, classifier.outputs, name=classifier.name)
     inp = K.Input((lr_size, lr_size, 3), name="input_lowres")
     return K.Model(inp, classifier(sr(inp)), name="sr_resnet50")
 
@@ -625,10 +627,12 @@ def evaluate_pipeline(folder: str | Path, data_dir: str | Path, per_class: int |
 
 def save_stages(folder: str | Path, composite: Any) -> dict[str, str]:
     """Write the SR stage and the classifier of an assembled pipeline as their own files."""
+    from .train import save_model
+
     sr, cls = split_stages(composite)
     folder = Path(folder)
-    sr.save(folder / SR_STAGE_FILE)
-    cls.save(folder / CLASSIFIER_STAGE_FILE)
+    save_model(sr, folder / SR_STAGE_FILE)
+    save_model(cls, folder / CLASSIFIER_STAGE_FILE)
     return {"sr": SR_STAGE_FILE, "classifier": CLASSIFIER_STAGE_FILE}
 
 

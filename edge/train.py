@@ -161,6 +161,21 @@ def evaluate_model(model: Any, ds: D.Dataset, spec: PreprocessSpec, eval_per_cla
     }
 
 
+def save_model(model: Any, path: str | Path) -> None:
+    """Save a tf-keras model without its optimizer state. The native ``.keras`` format has no
+    ``include_optimizer`` switch, so a compiled model is saved through an uncompiled functional
+    wrapper of the same layers (same names, weights and topology)."""
+    from .tfenv import keras
+
+    p = Path(path)
+    if p.suffix == ".keras":
+        if getattr(model, "optimizer", None) is not None:
+            model = keras().Model(model.inputs, model.outputs, name=model.name)
+        model.save(p)
+    else:
+        model.save(p, include_optimizer=False)
+
+
 def _check_options(cfg: TrainConfig) -> None:
     if cfg.fuse and cfg.variant == "sr-resnet50":
         raise DataError("--fuse and sr-resnet50 cannot be combined (the SR stage is trained on MRI only)")
@@ -301,7 +316,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         extra=extra,
     )
     with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
-        model.save(tmp / MODEL_FILE, include_optimizer=False)
+        save_model(model, tmp / MODEL_FILE)
         if is_sr:
             from . import sr as SR
 

@@ -2,13 +2,13 @@
 OpenVINO int8) -> bench on a fixed stratified Testing subset -> gate passes; and the gate fails on
 genuinely broken artifacts (int8 calibrated on blank images, a model with shuffled head weights).
 
-Thresholds. The session's small model (64 px, width 0.5, 600 training images) reaches only ~60 % on
-Testing and many of its predictions are near-ties: int8 changes about one prediction in ten while
-accuracy stays within a few images (measured on 40 per class: agreement 0.85-0.93, accuracy -2.5 to
-+0.6 pp, one class's recall moving by up to 4 of 40 images). The clinical defaults (0.5 pp, 1 pp,
+Thresholds. The session's small model (64 px, width 0.5, 600 training images) reaches only ~58 % on
+this subset and many of its predictions are near-ties: int8 changes about one prediction in ten while
+accuracy stays within a few images (measured on 100 per class: agreement 0.875-0.92, accuracy -1.0 to
++0.5 pp, worst class -7 pp; see benchmarks/results/gate.md). The clinical defaults (0.5 pp, 1 pp,
 0.99) rightly refuse that, so the good artifacts are gated at limits for this model (5 pp, 15 pp per
-class, agreement 0.8) plus McNemar's test, on 100 images per class. The broken artifacts lose far more
-(measured: accuracy -29 and -47 pp, agreement 0.40 and 0.00).
+class, agreement 0.8) plus McNemar's test. The broken artifacts lose far more (measured: accuracy -26
+and -44.5 pp, agreement 0.40 and 0.00).
 """
 
 from __future__ import annotations

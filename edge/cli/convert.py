@@ -82,6 +82,11 @@ def _command_line() -> str | None:
                    "(0.005 = 0.5 pp).")
 @click.option("--openvino-fp16-compute", type=click.Choice(["f32", "f16"]), default=None,
               help="Compute precision of OpenVINO fp16 (compressed-weight) IR (default f32).")
+@click.option("--float-head", is_flag=True, default=None,
+              help="int8: keep the classifier head (fully-connected layers, softmax) in float; convolutions "
+                   "stay int8.")
+@click.option("--nncf-fast-bias-correction/--nncf-bias-correction", default=None,
+              help="NNCF bias correction: fast (default) or the slower, more exact one.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def command(model: Path, targets: str, precisions: str, out: Path, as_json: bool, **kw: Any) -> None:
     """Convert MODEL (a model folder or .keras/.h5/SavedModel from `edgebrain train`, a Keras 3

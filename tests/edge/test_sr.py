@@ -171,6 +171,16 @@ def test_sr_resnet50_pipeline_files_card_and_three_way(sr_resnet50: Path, data_d
     cls = load_keras_model(sr_resnet50 / "classifier.keras")
     x = np.random.default_rng(0).random((2, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(full(x).numpy(), cls(srm(x)).numpy(), atol=1e-5)
+    # no optimizer state in the deployable files (nor in the nested classifier)
+    import zipfile
+
+    import h5py
+
+    for name in ("model.keras", "classifier.keras"):
+        with zipfile.ZipFile(sr_resnet50 / name) as z, h5py.File(z.open("model.weights.h5")) as h:
+            keys: list[str] = []
+            h.visit(keys.append)
+            assert not [k for k in keys if k.endswith("optimizer")], name
 
 
 # ----------------------------------------------------------------------------- CLI
