@@ -76,6 +76,7 @@ def main() -> int:
     ap.add_argument("--calib-size", type=int, default=32)
     ap.add_argument("--min-seconds", type=float, default=5.0)
     ap.add_argument("--min-runs", type=int, default=50)
+    ap.add_argument("--convert-only", action="store_true", help="Build and convert (cached), do not measure.")
     args = ap.parse_args()
 
     from edgebrain.bench import BenchOptions, bench
@@ -85,6 +86,9 @@ def main() -> int:
     model = build(args.model, work, args.data)
     arts = convert_all(model, work / "artifacts", args.calib_size, args.threads)
     t_conv = time.time() - t0
+    if args.convert_only:
+        print(f"{len(arts)} artifacts under {work / 'artifacts'} ({t_conv:.0f} s)")
+        return 0
     load0 = os.getloadavg()
     opts = BenchOptions(threads=args.threads, min_runs=args.min_runs, min_seconds=args.min_seconds, warmup=10,
                         batch=8, throughput_min_seconds=3.0)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgebrain import data as D
 from edgebrain.errors import DataError
 from edgebrain.imageio import IMAGE_SUFFIXES

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
+
 from edgebrain.errors import EdgebrainError
 
 if TYPE_CHECKING:
@@ -49,6 +50,10 @@ class BuildContext:
     calibration: Callable[[], CalibrationSet] | None = None  # lazy: built on first use
     validation: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None  # (x, y) of the val split
     calib_method: str | None = None  # --calib-method as asked
+    # int8: node-name substrings whose ops stay float (e.g. "/sr/": an sr-resnet50 SR stage whose int8
+    # policy in the model card says "float"), and the stage names they come from
+    float_scopes: list[str] = field(default_factory=list)
+    float_stages: list[str] = field(default_factory=list)
 
     def calib(self) -> CalibrationSet:
         if self.calibration is None:

@@ -194,7 +194,11 @@ class ONNXTarget(Target):
         per_channel = bool(o.get("onnx_per_channel", True))
         reduce_range = bool(o.get("onnx_reduce_range", False))
         float_head = bool(o.get("float_head", False))
-        exclude = [n.name for n in g.node if n.op_type in HEAD_OPS] if float_head else []
+        exclude = [n.name for n in g.node
+                   if (float_head and n.op_type in HEAD_OPS) or any(sc in n.name for sc in ctx.float_scopes)]
+        if ctx.float_scopes and not any(sc in n.name for n in g.node for sc in ctx.float_scopes):
+            raise ConversionError(f"onnx: no node name contains {ctx.float_scopes} (the float stages of the "
+                                  "model card); cannot keep them float")
         cm = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}[method]
         try:
@@ -207,7 +211,8 @@ class ONNXTarget(Target):
         quant = {"scheme": "static", "format": fmt, "activations": f"{act} per-tensor", "weights": wt,
                  "per_channel": per_channel, "reduce_range": reduce_range,
                  "tool": "onnxruntime.quantization.quantize_static", "preprocess": "quant_pre_process",
-                 "float_head": float_head, "nodes_excluded": exclude}
+                 "float_head": float_head, "nodes_excluded": exclude,
+                 "float_stages": list(ctx.float_stages), "float_scopes": list(ctx.float_scopes)}
         return quant, cs.manifest(method, "onnxruntime"), warnings
 
     def count_ops(self, model_file: Path) -> dict[str, Any] | None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgebrain.calibration import resolve_method
 
 from .base import BuildContext, Built, ConversionError, Target
@@ -178,9 +179,16 @@ class OpenVINOTarget(Target):
         max_drop = o.get("max_drop")
         fbc = bool(o.get("nncf_fast_bias_correction", True))
         float_head = bool(o.get("float_head", False))
-        ignored = nncf.IgnoredScope(types=["MatMul", "Softmax"], validate=False) if float_head else None
+        ignored = None
+        if float_head or ctx.float_scopes:
+            import re
+
+            ignored = nncf.IgnoredScope(types=["MatMul", "Softmax"] if float_head else [],
+                                        patterns=[f".*{re.escape(sc)}.*" for sc in ctx.float_scopes],
+                                        validate=False)
         quant: dict[str, Any] = {"scheme": "static", "tool": "nncf", "preset": preset_name,
                                  "subset_size": len(cs), "fast_bias_correction": fbc, "float_head": float_head,
+                                 "float_stages": list(ctx.float_stages), "float_scopes": list(ctx.float_scopes),
                                  "weights": "int8 per-channel (symmetric)",
                                  "activations": "int8 per-tensor " + ("(symmetric)" if preset_name == "performance"
                                                                       else "(asymmetric)")}

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgebrain.errors import ModelError
 from edgebrain.preprocess import PreprocessSpec
 
@@ -106,6 +107,7 @@ def _clone(model: Any) -> Any:
 
 def wrap_for_pruning(model: Any, cfg: PruneConfig, schedule: Any) -> Any:
     import tensorflow_model_optimization as tfmot
+
     from edgebrain.tfenv import keras
 
     K = keras()
@@ -115,7 +117,8 @@ def wrap_for_pruning(model: Any, cfg: PruneConfig, schedule: Any) -> Any:
         raise ModelError("no layer is large enough to prune (see --prune-min-params)")
     kw: dict[str, Any] = {"pruning_schedule": schedule}
     if cfg.structured:
-        # m_by_n decides which weights; the schedule only sets when masks are updated.
+        # m_by_n decides which weights (2 of every 4 along the input channels); the schedule only sets
+        # when the masks are updated.
         kw = {"sparsity_m_by_n": (2, 4), "pruning_schedule": tfmot.sparsity.keras.ConstantSparsity(
             0.5, begin_step=0, end_step=schedule.end_step, frequency=schedule.frequency)}
 
@@ -185,6 +188,7 @@ def prune_model(model: Any, cfg: PruneConfig, spec: PreprocessSpec, num_classes:
     ``train`` and ``val`` are uint8 images at the model's input size and integer labels; the
     model's own preprocessing spec is applied. The input model is not modified."""
     import tensorflow_model_optimization as tfmot
+
     from edgebrain.progress import enabled
     from edgebrain.tfenv import import_tf, keras, set_seed
     from edgebrain.train import make_dataset
@@ -223,7 +227,7 @@ def prune_model(model: Any, cfg: PruneConfig, spec: PreprocessSpec, num_classes:
         ok = {}
         for path, layer in _walk(stripped):
             if decisions.get(path) == "prune":
-                ok[path] = bool(is_pruned_m_by_n(tf.constant(np.asarray(layer.kernel)), (2, 4), "C_IN"))
+                ok[path] = bool(is_pruned_m_by_n(tf.constant(np.asarray(layer.kernel)), (2, 4), "C_OUT"))
         rep["m_by_n_2_4"] = {"all_layers_ok": all(ok.values()), "per_layer": ok}
     size_d, gz_d = _weights_gzip(model)
     size_p, gz_p = _weights_gzip(stripped)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgebrain import CLASS_NAMES_DEFAULT
 from edgebrain.errors import ModelError
 from edgebrain.io import sha256_path
@@ -97,7 +98,7 @@ class Source:
         model = self.model
         spec = tf.TensorSpec((None, *self.input_shape), tf.float32, name="input")
 
-        @tf.function(input_signature=[spec])
+        @tf.function(input_signature=[spec], autograph=False)
         def serve(x: Any) -> Any:
             return model(x, training=False)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgebrain.calibration import resolve_method
 
 from .base import BuildContext, Built, ConversionError, Target
@@ -141,13 +142,22 @@ class TFLiteTarget(Target):
             raise ConversionError(f"tflite: unsupported precision {precision}")
 
         float_head = bool(ctx.options.get("float_head", False)) and precision == "int8"
+        scopes = list(ctx.float_scopes) if precision == "int8" else []
+        if ctx.float_scopes and precision != "int8":
+            warnings.append(f"float stages {ctx.float_stages} are kept float for int8 only; {precision} "
+                            "quantises them")
         try:
-            blob = self._float_head(tf, c) if float_head else c.convert()
-            if float_head:
+            if float_head or scopes:
+                blob = self._selective(tf, c, float_head, scopes)
                 assert quant is not None
-                quant["float_head"] = True
-                quant["io"] = "float"
-                quant["scheme"] = "full integer except the classifier head (FULLY_CONNECTED, SOFTMAX in float)"
+                kept = (["the classifier head (FULLY_CONNECTED, SOFTMAX)"] if float_head else []) + (
+                    [f"ops named *{'*, *'.join(scopes)}*"] if scopes else [])
+                quant.update({"float_head": float_head, "io": "float", "float_stages": list(ctx.float_stages),
+                              "float_scopes": scopes, "scheme": f"full integer except {' and '.join(kept)} (float)"})
+            else:
+                blob = c.convert()
+        except ConversionError:
+            raise
         except Exception as exc:
             if precision not in ("int8", "int16x8") or not ctx.options.get("tflite_float_fallback", True):
                 raise ConversionError(f"{src.path}: TFLite conversion to {precision} failed "
@@ -171,17 +181,27 @@ class TFLiteTarget(Target):
                      warnings=warnings, files=[MODEL_FILE])
 
     @staticmethod
-    def _float_head(tf: Any, c: Any) -> bytes:
-        """Selective quantisation (``QuantizationDebugger`` with ``denylisted_ops``): fully-connected
-        layers and softmax stay float, everything else is int8."""
+    def _selective(tf: Any, c: Any, float_head: bool, scopes: list[str]) -> bytes:
+        """Selective quantisation (``QuantizationDebugger`` with ``denylisted_ops`` /
+        ``denylisted_nodes``): the classifier head (fully-connected layers, softmax) and/or the ops
+        whose names contain one of ``scopes`` stay float, everything else is int8."""
         c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
         c.inference_input_type = tf.float32
         c.inference_output_type = tf.float32
         rep = c.representative_dataset
+        nodes: list[str] = []
+        if scopes:
+            from edgebrain.sr import quantizable_nodes
+
+            nodes = [n for n in quantizable_nodes(c, rep) if any(s in n for s in scopes)]
+            if not nodes:
+                raise ConversionError(f"tflite: no quantisable op name contains {scopes} (the float stages of "
+                                      "the model card); cannot keep them float")
         dbg = tf.lite.experimental.QuantizationDebugger(
             converter=c, debug_dataset=rep,
             debug_options=tf.lite.experimental.QuantizationDebugOptions(
-                denylisted_ops=["FULLY_CONNECTED", "SOFTMAX"]))
+                denylisted_ops=["FULLY_CONNECTED", "SOFTMAX"] if float_head else None,
+                denylisted_nodes=nodes or None))
         return bytes(dbg.get_nondebug_quantized_model())
 
     def count_ops(self, model_file: Path) -> dict[str, Any] | None:

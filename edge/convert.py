@@ -258,6 +258,7 @@ def convert(
     prune_per_class: int | None = None,
     preprocess: str | None = None,
     classes: str | Sequence[str] | None = None,
+    keep_float: str | Sequence[str] | None = None,
     data: str | Path | None = None,
     verify_n: int | None = None,
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
@@ -309,7 +310,8 @@ def convert(
             "calib": calib, "calib_size": calib_size if calib_size != DEFAULT_CALIB_SIZE else None,
             "calib_seed": calib_seed if calib_seed != DEFAULT_CALIB_SEED else None, "calib_method": calib_method,
             "prune": prune, "prune_epochs": prune_epochs if prune else None, "prune_2x4": prune_2x4,
-            "preprocess": preprocess, "classes": class_list, "data": data, "verify_n": verify_n,
+            "preprocess": preprocess, "classes": class_list, "keep_float": keep_float, "data": data,
+            "verify_n": verify_n,
             "min_agreement": min_agreement if min_agreement != DEFAULT_MIN_AGREEMENT else None,
             "no_verify": no_verify, "allow_overlap": allow_overlap, "unsafe": unsafe, "overwrite": overwrite,
             **{k: v for k, v in options.items() if v is not None and v != known[k]["default"]}})
@@ -321,7 +323,8 @@ def convert(
         return _convert(model, tgts, p_names, out, work, calib=calib, calib_size=calib_size, calib_seed=calib_seed,
                         calib_method=calib_method, prune=prune, prune_epochs=prune_epochs, prune_2x4=prune_2x4,
                         prune_lr=prune_lr, prune_min_params=prune_min_params, prune_per_class=prune_per_class,
-                        preprocess=preprocess, classes=class_list, data=data, verify_n=verify_n,
+                        preprocess=preprocess, classes=class_list, keep_float=keep_float, data=data,
+                        verify_n=verify_n,
                         min_agreement=min_agreement, no_verify=no_verify, allow_overlap=allow_overlap,
                         unsafe=unsafe, overwrite=overwrite, threads=threads, command=command, opts=opts,
                         calibrated=CALIBRATED)
@@ -346,7 +349,7 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
              calib: str | Path | None, calib_size: int, calib_seed: int, calib_method: str | None,
              prune: float | None, prune_epochs: int, prune_2x4: bool, prune_lr: float, prune_min_params: int,
              prune_per_class: int | None, preprocess: str | None, classes: list[str] | None,
-             data: str | Path | None, verify_n: int | None, min_agreement: float, no_verify: bool,
+             keep_float: str | Sequence[str] | None, data: str | Path | None, verify_n: int | None, min_agreement: float, no_verify: bool,
              allow_overlap: bool, unsafe: bool, overwrite: bool, threads: int | None, command: str,
              opts: dict[str, Any], calibrated: frozenset[str]) -> list[Artifact]:
     from edgebrain.converters.base import BuildContext, ConversionError, file_sizes
@@ -405,8 +408,12 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
             val_cache["v"] = (src.spec.apply(arr.x).astype(np.float32), arr.y)
         return val_cache["v"]
 
+    scopes, stages = _float_scopes(src, keep_float)
     ctx = BuildContext(source=src, workdir=work, options=opts, calibration=(lambda: cal) if cal is not None else None,
-                       validation=validation if dd.available else None, calib_method=calib_method)
+                       validation=validation if dd.available else None, calib_method=calib_method,
+                       float_scopes=scopes, float_stages=stages)
+    if scopes:
+        _say(f"int8: ops named *{'*, *'.join(scopes)}* stay float ({', '.join(stages)})")
 
     vs: _VerifySet | None = None
     if not no_verify:
@@ -523,6 +530,30 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
         lines += [f"{f['target']} {f['precision']}: failed: {f['error']}" for f in failed]
         raise ConvertFailed("conversion incomplete:\n  " + "\n  ".join(lines), summary, artifacts)
     return artifacts
+
+
+def _float_scopes(src: Source, keep_float: str | Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """Node-name substrings kept float in int8: ``--keep-float`` plus every pipeline stage whose int8
+    policy in the model card says "float" (``card.extra.pipeline.stages[i].int8_policy.decision``)."""
+    scopes: list[str] = []
+    stages: list[str] = []
+    if keep_float:
+        items = keep_float.split(",") if isinstance(keep_float, str) else list(keep_float)
+        for it in items:
+            if it.strip():
+                scopes.append(it.strip())
+                stages.append(f"--keep-float {it.strip()}")
+    card = src.card
+    pipeline = (card.extra.get("pipeline") or {}) if card is not None else {}
+    for st in pipeline.get("stages") or []:
+        policy = st.get("int8_policy") or {}
+        prefix = st.get("layer_prefix")
+        if policy.get("decision") == "float" and prefix:
+            scope = "/" + str(prefix).strip("/") + "/"
+            if scope not in scopes:
+                scopes.append(scope)
+                stages.append(str(st.get("name", prefix)))
+    return scopes, stages
 
 
 def _prune(src: Source, dd: _Data, out: Path, *, prune: float, epochs: int, structured: bool, lr: float,

@@ -109,12 +109,15 @@ def load_rgb(path: PathLike) -> np.ndarray:
     if is_dicom(path):
         return _load_dicom(path)
     try:
-        with Image.open(path) as im:
-            im.load()  # forces a full decode: truncated files fail here
-            return pil_to_rgb(im)
+        with warnings.catch_warnings():
+            # Pillow's decompression-bomb warning is an error here, whatever filters are installed.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()  # forces a full decode: truncated files fail here
+                return pil_to_rgb(im)
     except UnidentifiedImageError as exc:
         raise ImageLoadError(path, "not an image Pillow can identify (unsupported or corrupt)") from exc
-    except Image.DecompressionBombWarning as exc:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise ImageLoadError(path, f"image too large: {exc}") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(path, f"corrupt or truncated image ({exc})") from exc
@@ -160,7 +163,10 @@ def load_resized(path: PathLike, size: tuple[int, int], method: str = "bilinear"
     p = Path(path)
     if p.suffix.lower() in _FAST_SUFFIXES:
         try:
-            with Image.open(p) as im:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im = Image.open(p)
+            with im:
                 if im.mode in ("L", "RGB"):
                     im.load()
                     orig = (int(im.size[1]), int(im.size[0]))

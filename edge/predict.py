@@ -104,7 +104,7 @@ def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
         if q.name.startswith("."):
             continue
         if q.is_dir():
-            if recursive:
+            if recursive and not q.is_symlink():  # linked folders are not followed (no cycles)
                 yield from _walk(q, recursive)
         elif q.is_file():
             yield q
@@ -307,7 +307,7 @@ class Predictor:
                 yield self.predict(x, top_k, name=label)
             except ImageLoadError as exc:
                 yield Failure(label, exc.reason)
-            except (OSError, ValueError, MemoryError) as exc:
+            except Exception as exc:  # one bad input never ends the run; the reason is kept
                 yield Failure(label, f"{type(exc).__name__}: {exc}")
 
     def predict_many(self, inputs: Iterable[ImageInput] | str | Path, top_k: int | None = None,

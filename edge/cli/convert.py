@@ -49,6 +49,9 @@ def _command_line() -> str | None:
 @click.option("--preprocess", default=None,
               help="For a model without a model card: rescale | xception | caffe | imagenet | meanstd:M,M,M/S,S,S.")
 @click.option("--classes", default=None, help="For a model without a model card: class names, comma-separated.")
+@click.option("--keep-float", default=None,
+              help="int8: keep ops whose names contain these substrings in float (comma-separated), e.g. "
+                   "/sr/. Pipeline stages whose model-card int8 policy says float are kept float anyway.")
 @click.option("--verify-n", type=int, default=None,
               help="Verify on this many validation images (default: the whole validation split).")
 @click.option("--min-agreement", type=float, default=0.99, show_default=True,

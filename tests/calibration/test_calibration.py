@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from edgebrain import data as D
 from edgebrain.calibration import (
     CalibrationError,

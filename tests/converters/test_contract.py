@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from edgebrain import data as D
 from edgebrain.artifact import load_manifest
 from edgebrain.converters import PRECISIONS, TARGETS
@@ -117,19 +118,28 @@ def test_unsupported_pairs_are_skipped_with_reasons(converted: dict[str, Any]) -
 
 
 @pytest.mark.slow
-def test_options_qdq_entropy_and_accuracy_control(trained_small: Path, tmp_path: Path, cache_env: Path) -> None:
-    """ONNX QDQ S8S8 with entropy calibration, and OpenVINO int8 with NNCF accuracy control."""
+def test_options_selective_qdq_entropy_and_accuracy_control(trained_small: Path, tmp_path: Path,
+                                                           cache_env: Path) -> None:
+    """Ops kept float by name (--keep-float, as for an SR stage), ONNX QDQ S8S8 with entropy
+    calibration, and OpenVINO int8 with NNCF accuracy control."""
     from edgebrain.convert import convert
 
-    arts = convert(trained_small, "onnx,openvino", "int8", tmp_path, calib_size=32, verify_n=32, min_agreement=0.7,
-                   calib_method="entropy", onnx_format="qdq", onnx_activations="s8", max_drop=0.02)
+    arts = convert(trained_small, "tflite,onnx,openvino", "int8", tmp_path, calib_size=32, verify_n=32,
+                   min_agreement=0.7, calib_method="entropy", onnx_format="qdq", onnx_activations="s8",
+                   max_drop=0.02, keep_float="lite_s4_b3_pw")
     by = {a.target: a.manifest for a in arts}
+    assert set(by) == {"tflite", "onnx", "openvino"}
+    for m in by.values():
+        assert m["quantization"]["float_scopes"] == ["lite_s4_b3_pw"]
+        assert m["ops"]["int8_ops"] > 0 and m["ops"]["float_ops"] > 0  # that layer really runs in float
+    assert "CONV_2D" in by["tflite"]["ops"]["float_op_types"]
+    assert by["tflite"]["calibration"]["method"] == "minmax" and any("entropy" in w for w in by["tflite"]["warnings"])
     q = by["onnx"]["quantization"]
     assert (q["format"], q["activations"].split()[0]) == ("qdq", "s8")
-    assert by["onnx"]["calibration"]["method"] == "entropy" and by["onnx"]["ops"]["int8_ops"] > 0
+    assert q["nodes_excluded"] and all("lite_s4_b3_pw" in n for n in q["nodes_excluded"])
+    assert by["onnx"]["calibration"]["method"] == "entropy"
     assert by["onnx"]["ops"]["boundary_ops"] > 0  # Quantize/DequantizeLinear pairs
     ov = by["openvino"]
     assert ov["quantization"]["method"] == "nncf.quantize_with_accuracy_control"
     assert ov["quantization"]["max_drop"] == 0.02 and ov["quantization"]["validation"]["n"] > 0
-    assert ov["calibration"]["method"] == "minmax" and any("entropy" in w for w in ov["warnings"])
-    assert ov["ops"]["int8_ops"] > 0
+    assert ov["calibration"]["method"] == "minmax"

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from edgebrain import data as D
 from edgebrain.modelcard import ModelCard
 from edgebrain.preprocess import PreprocessSpec
@@ -94,8 +95,9 @@ def test_prune_refuses_bad_settings(small_data: dict[str, Any]) -> None:
 def test_pruned_model_feeds_the_targets(data_dir: Path, tmp_path: Path, cache_env: Path) -> None:
     """convert --prune: the pruned model (saved with its card) is what every artifact is built from."""
     import onnx
-    from edgebrain.convert import convert
     from onnx import numpy_helper
+
+    from edgebrain.convert import convert
 
     src = tmp_path / "nested"
     src.mkdir()
@@ -103,10 +105,11 @@ def test_pruned_model_feeds_the_targets(data_dir: Path, tmp_path: Path, cache_en
     ModelCard("custom-nested", CLASSES, PreprocessSpec.named("rescale", SIZE), [SIZE, SIZE, 3],
               data={"root": str(data_dir), "split_seed": 42, "fractions": dict(D.DEFAULT_FRACTIONS)}).save(src)
     out = tmp_path / "out"
-    arts = convert(src, "onnx,openvino", "fp32,int8", out, prune=0.5, prune_epochs=1, prune_per_class=12,
-                   calib_size=16, verify_n=16, min_agreement=0.01)
-    assert {(a.target, a.precision) for a in arts} == {("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"),
-                                                      ("openvino", "int8")}
+    # float_head: this barely-trained model's outputs are near-uniform, and an int8 softmax would turn
+    # them into ties
+    arts = convert(src, "onnx,openvino", "int8", out, prune=0.5, prune_epochs=1, prune_per_class=12,
+                   calib_size=16, verify_n=16, min_agreement=0.5, float_head=True)
+    assert {(a.target, a.precision) for a in arts} == {("onnx", "int8"), ("openvino", "int8")}
     pruned_model = out / "pruned-sparse50" / "model.keras"
     assert pruned_model.is_file() and (out / "pruned-sparse50" / "model_card.json").is_file()
     for a in arts:
@@ -116,8 +119,9 @@ def test_pruned_model_feeds_the_targets(data_dir: Path, tmp_path: Path, cache_en
         assert p["pruned_model"]["path"] == str(pruned_model)
         assert a.manifest["source"]["path"].endswith("nested/model.keras")  # the original source is recorded
         assert a.manifest["verification"]["passed"]
-    onnx_fp32 = next(a for a in arts if (a.target, a.precision) == ("onnx", "fp32"))
-    g = onnx.load(str(onnx_fp32.model_file)).graph
-    big = [numpy_helper.to_array(t) for t in g.initializer if t.dims and int(np.prod(t.dims)) >= 4096]
+    onnx_int8 = next(a for a in arts if a.target == "onnx")
+    g = onnx.load(str(onnx_int8.model_file)).graph
+    big = [numpy_helper.to_array(t) for t in g.initializer
+           if t.dims and int(np.prod(t.dims)) >= 4096 and t.data_type == onnx.TensorProto.INT8]
     zeros = sum(int(np.sum(w == 0)) for w in big) / sum(w.size for w in big)
-    assert zeros > 0.4, zeros  # the exported graph carries the sparsity
+    assert zeros > 0.4, zeros  # the int8 weights carry the sparsity

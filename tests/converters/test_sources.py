@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from edgebrain.artifact import load_manifest
 from edgebrain.converters.source import detect_format, load_source
 from edgebrain.errors import ModelError
@@ -93,6 +94,7 @@ def test_keras3_lambda_refused_unless_unsafe(tmp_path: Path) -> None:
 
 def test_onnx_nchw_source(tmp_path: Path, data_dir: Path, cache_env: Path) -> None:
     import onnxruntime as ort
+
     from edgebrain.convert import convert
 
     model = _nchw_onnx(tmp_path / "nchw.onnx")

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+
 from edgebrain import data as D
 from edgebrain.artifact import load_manifest
 from edgebrain.cli import cli

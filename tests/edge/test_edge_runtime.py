@@ -1,6 +1,6 @@
 """The TensorFlow-free edge runtime: every artifact format runs, and TensorFlow is never imported.
 
-Artifacts are built here from the tiny model (plumbing only: the runners' arithmetic is checked
+Artifacts are converted from the tiny model (plumbing only: the runners' arithmetic is checked
 against the Keras model on real scans, not the accuracy)."""
 
 from __future__ import annotations
@@ -9,14 +9,12 @@ import ast
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edgebrain.artifact import load_manifest, write_manifest
-from edgebrain.preprocess import PreprocessSpec
+from edgebrain.artifact import load_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
@@ -25,55 +23,16 @@ EDGE_MODULES = ["__init__", "preprocess", "imageio", "io", "errors", "artifact",
                 "predict", "localize", "remote", "cli/__init__", "cli/predict"]
 
 
-def _manifest(folder: Path, target: str, precision: str, model_file: str, spec: PreprocessSpec,
-              runtime_options: dict | None = None) -> None:
-    write_manifest(folder, {
-        "name": folder.name, "target": target, "precision": precision, "model_file": model_file,
-        "source": {"path": "tiny", "format": "tf-keras", "variant": "resnet50-lite"},
-        "class_names": CLASSES, "input_shape": [spec.height, spec.width, 3], "preprocess": spec.to_dict(),
-        "model_card": None, "quantization": None, "calibration": None, "pruning": None,
-        "runtime_options": runtime_options or {}, "ops": {}, "verification": {},
-        "versions": {}, "command": "test fixture", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "warnings": ["test fixture built from an untrained model"],
-    })
-
-
 @pytest.fixture(scope="module")
-def artifacts(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """fp32 TFLite, ONNX and OpenVINO IR artifacts of the tiny model (built with TensorFlow here,
-    in the test process; the runtime under test runs them in subprocesses without it)."""
-    import openvino as ov
-    import tf2onnx
+def artifacts(tiny_model: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """fp32 TFLite, ONNX and OpenVINO IR artifacts of the tiny model from ``edgebrain convert``
+    (TensorFlow runs here, in the test process; the runtime under test runs them in
+    subprocesses without it)."""
+    from edgebrain.convert import convert
 
-    from edgebrain.modelcard import ModelCard
-    from edgebrain.models import load_keras_model
-    from edgebrain.tfenv import import_tf
-
-    tf = import_tf()
-    spec = ModelCard.find(tiny_model).preprocess  # type: ignore[union-attr]
-    model = load_keras_model(tiny_model)
-    root = tmp_path_factory.mktemp("edge-artifacts")
-    out: dict[str, Path] = {}
-
-    d = root / "tflite-fp32"
-    d.mkdir()
-    (d / "model.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
-    _manifest(d, "tflite", "fp32", "model.tflite", spec)
-    out["tflite"] = d
-
-    d = root / "onnx-fp32"
-    d.mkdir()
-    sig = (tf.TensorSpec((None, spec.height, spec.width, 3), tf.float32, name="image"),)
-    tf2onnx.convert.from_keras(model, input_signature=sig, opset=17, output_path=str(d / "model.onnx"))
-    _manifest(d, "onnx", "fp32", "model.onnx", spec)
-    out["onnx"] = d
-
-    d = root / "openvino-fp32"
-    d.mkdir()
-    ov.save_model(ov.convert_model(str(out["onnx"] / "model.onnx")), str(d / "model.xml"), compress_to_fp16=False)
-    _manifest(d, "openvino", "fp32", "model.xml", spec, {"inference_precision": "f32"})
-    out["openvino"] = d
-    return out
+    arts = convert(tiny_model, "tflite,onnx,openvino", "fp32", tmp_path_factory.mktemp("edge-artifacts"),
+                   data=data_dir, verify_n=50)
+    return {a.target: a.path for a in arts}
 
 
 @pytest.fixture(scope="module")

@@ -216,3 +216,14 @@ def test_as_rgb_array_dtypes_and_shapes(gray: np.ndarray) -> None:
     for bad in (np.zeros((4, 4, 2)), np.zeros((2, 4, 4, 3)), np.zeros(5), np.array([["a"]])):
         with pytest.raises(ValueError):
             as_rgb_array(bad)
+
+
+def test_decompression_bombs_are_refused_by_name(tmp_path: Path, gray: np.ndarray,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / "huge.png"
+    Image.fromarray(gray).save(p)
+    for limit in (gray.size // 3, gray.size // 1.5):  # Pillow's error (> 2x limit) and its warning
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", int(limit))
+        for load in (load_rgb, lambda q: load_resized(q, (64, 64))):
+            with pytest.raises(ImageLoadError, match="too large"):
+                load(p)

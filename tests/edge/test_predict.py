@@ -282,6 +282,7 @@ def test_folders_are_walked(int8: Predictor, data_dir: Path, tmp_path: Path) -> 
         (tmp_path / ("a" if i else "a/b") / f.name).write_bytes(f.read_bytes())
     (tmp_path / ".hidden" / "x.jpg").write_bytes(src[0].read_bytes())
     (tmp_path / "a" / "README.txt").write_text("notes")
+    (tmp_path / "a" / "b" / "loop").symlink_to(tmp_path / "a", target_is_directory=True)  # not followed
     images, failures, skipped = find_images([tmp_path])
     assert sorted(p.name for p in images) == sorted(f.name for f in src)
     assert failures == [] and [Path(s).name for s in skipped] == ["README.txt"]
