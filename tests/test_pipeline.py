@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
+
 from edgebrain.bench import BenchOptions, bench
 from edgebrain.cli import cli
 from edgebrain.convert import convert
 from edgebrain.gate import ERROR, FAIL, PASS, gate
-from PIL import Image
 
 pytestmark = pytest.mark.slow
 

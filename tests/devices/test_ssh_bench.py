@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from edgebrain.bench import BenchOptions, SSHOptions, bench
 from edgebrain.devices import SSHError, SSHTransport, parse_ssh_url
 

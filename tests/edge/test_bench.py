@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from edgebrain import data as D
 from edgebrain.artifact import write_manifest
 from edgebrain.bench import BenchError, BenchOptions, bench, validate_results

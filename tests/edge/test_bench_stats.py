@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from edgebrain.bench import bootstrap_ci, expected_calibration_error, mcnemar_exact
 from edgebrain.remote import REMOTE_MODULES, build_runtime_zip, safe_extract, stats, time_loop
 

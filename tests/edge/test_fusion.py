@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from edgebrain import data as D
 from edgebrain import fusion as F
 from edgebrain.imageio import load_rgb

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+
 from edgebrain.artifact import write_manifest
 from edgebrain.cli import cli
 from edgebrain.gate import (

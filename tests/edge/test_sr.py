@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from edgebrain import data as D
 from edgebrain import sr as SR
 from edgebrain.errors import ModelError
