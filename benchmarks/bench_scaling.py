@@ -4,7 +4,7 @@
 
 Converts the trained model to TFLite int8 and ONNX fp32 (edgebrain.convert, cached), then runs
 ``edgebrain.bench.bench`` (reference + both artifacts, host, default timing rules) on fixed
-stratified Testing subsets of 12, 25 and 50 images per class (48 / 100 / 200 images) and
+stratified Testing subsets of 12, 25, 50 and 100 images per class (48 / 100 / 200 / 400 images) and
 fits wall time = fixed + per_image x n. Linear means the per-image cost is constant: the fit's
 R^2 is ~1 and each run's time is within a few percent of the line.
 """
@@ -30,8 +30,9 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=ROOT / "artifacts" / "models" / "resnet50-lite-128" / "model.keras")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "brain-tumor-mri-224")
     ap.add_argument("--work", type=Path, default=ROOT / "artifacts" / "bench-scaling")
-    ap.add_argument("--per-class", default="12,25,50")
+    ap.add_argument("--per-class", default="12,25,50,100")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--convert-only", action="store_true", help="Convert (cached), do not measure.")
     args = ap.parse_args()
     if not args.model.is_file():
         print(f"{args.model} not found (make models builds it)", file=sys.stderr)
@@ -47,6 +48,8 @@ def main() -> int:
         a1 = convert(args.model, ["tflite"], ["int8"], adir, overwrite=True, threads=args.threads)
         a2 = convert(args.model, ["onnx"], ["fp32"], adir, overwrite=True, threads=args.threads)
         arts = [a1[0].path, a2[0].path]
+    if args.convert_only:
+        return 0
     rows = []
     opts = BenchOptions(threads=args.threads)
     for pc in [int(v) for v in args.per_class.split(",")]:

@@ -38,8 +38,8 @@ LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identi
 def onnx_ops(path: Path) -> dict[str, Any]:
     """Count quantised vs float compute nodes of an ONNX graph.
 
-    QOperator nodes (``QLinear*``, ``*Integer``) count as int8; in QDQ graphs a node whose
-    non-constant inputs all come from DequantizeLinear counts as int8 (the runtime fuses it).
+    QOperator nodes (``QLinear*``, ``*Integer``) count as int8; in QDQ graphs a node whose inputs
+    (weights included) all come from DequantizeLinear counts as int8 (the runtime fuses it).
     Q/DQ nodes are ``boundary_ops``; pure layout ops (Reshape, Transpose, ...) are ``layout_ops``."""
     import onnx
 
@@ -58,8 +58,10 @@ def onnx_ops(path: Path) -> dict[str, Any]:
         elif t in LAYOUT_OPS or t == "Constant":
             layout += 1
         else:
-            ins = [i for i in n.input if i and i not in inits]
-            srcs = [producer.get(i) for i in ins]
+            # QDQ: every input (weights and bias included) comes from a DequantizeLinear; a float
+            # initializer feeding the node means it computes in float.
+            ins = [i for i in n.input if i]
+            srcs = [None if i in inits else producer.get(i) for i in ins]
             if ins and all(s is not None and s.op_type == "DequantizeLinear" for s in srcs):
                 q[t] += 1
             else:

@@ -30,12 +30,16 @@ from .source import DEFAULT_OPSET
 MODEL_FILE = "model.xml"
 WEIGHTS_FILE = "model.bin"
 NON_COMPUTE = {"Input", "Parameter", "Output", "Result", "Const", "Constant", "Reorder"}
+LAYOUT = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Concatenation", "Split"}
+BOUNDARY = {"FakeQuantize"}  # (de)quantisation at the edges of int8 regions
 QUANT_PRECISIONS = {"i8", "u8", "i4", "u4"}
 
 
 def openvino_ops(xml: Path, inference_precision: str = "f32") -> dict[str, Any]:
     """Count the ops of the *compiled* model (what the CPU plugin really executes) by their
-    runtime precision: ``int8_ops`` run in i8/u8, ``float_ops`` in f32/bf16/f16."""
+    runtime precision: ``int8_ops`` run in i8/u8, ``float_ops`` in f32/bf16/f16. FakeQuantize
+    nodes left at the edges of int8 regions are ``boundary_ops``, pure data movement (Reshape,
+    Transpose, ...) ``layout_ops``."""
     import openvino as ov
 
     core = ov.Core()
@@ -43,6 +47,7 @@ def openvino_ops(xml: Path, inference_precision: str = "f32") -> dict[str, Any]:
     q: Counter[str] = Counter()
     f: Counter[str] = Counter()
     precisions: Counter[str] = Counter()
+    layout = boundary = 0
     for op in compiled.get_runtime_model().get_ops():
         info = op.get_rt_info()
         kind = info["layerType"].astype(str)
@@ -50,7 +55,11 @@ def openvino_ops(xml: Path, inference_precision: str = "f32") -> dict[str, Any]:
         if kind in NON_COMPUTE:
             continue
         precisions[prec] += 1
-        if prec in QUANT_PRECISIONS:
+        if kind in LAYOUT:
+            layout += 1
+        elif kind in BOUNDARY:
+            boundary += 1
+        elif prec in QUANT_PRECISIONS:
             q[kind] += 1
         else:
             f[kind] += 1
@@ -58,6 +67,8 @@ def openvino_ops(xml: Path, inference_precision: str = "f32") -> dict[str, Any]:
     return {
         "int8_ops": int(sum(q.values())),
         "float_ops": int(sum(f.values())),
+        "boundary_ops": boundary,
+        "layout_ops": layout,
         "float_op_types": sorted(f),
         "fake_quantize_nodes": fq,
         "runtime_precisions": dict(sorted(precisions.items())),
@@ -79,6 +90,7 @@ class OpenVINOTarget(Target):
         "openvino_from": "onnx",
         "nncf_preset": "performance",
         "max_drop": None,
+        "max_drop_metric": "accuracy",
         "openvino_fp16_compute": "f32",
         "float_head": False,
         "nncf_fast_bias_correction": True,
@@ -88,6 +100,8 @@ class OpenVINOTarget(Target):
         "nncf_preset": "NNCF preset: performance (symmetric activations) or mixed (asymmetric activations)",
         "max_drop": "int8 with accuracy control: largest allowed absolute top-1 drop on the validation split "
                     "(0.005 = 0.5 pp); layers are reverted to float until it holds",
+        "max_drop_metric": "what --max-drop bounds: accuracy (top-1 vs the labels) or agreement (top-1 "
+                           "agreement with the float model)",
         "openvino_fp16_compute": "compute precision for fp16 (compressed-weight) IR: f32 or f16",
         "nncf_fast_bias_correction": "NNCF fast bias correction (off: the slower, more exact BiasCorrection)",
     }
@@ -201,7 +215,12 @@ class OpenVINOTarget(Target):
                 if ctx.validation is None:
                     raise ConversionError("--max-drop needs a validation split (a model card with a data root, "
                                           "or --data DIR)")
+                metric = str(o.get("max_drop_metric", "accuracy")).lower()
+                if metric not in ("accuracy", "agreement"):
+                    raise ConversionError(f"--max-drop-metric must be accuracy or agreement, got {metric!r}")
                 xv, yv = ctx.validation()
+                if metric == "agreement":  # the float model's own predictions are the reference
+                    yv = ctx.source.predict(xv).argmax(1)
                 items = [(xv[i : i + 1], int(yv[i])) for i in range(len(xv))]
                 val_ds = nncf.Dataset(items, lambda item: item[0])
 
@@ -215,7 +234,8 @@ class OpenVINOTarget(Target):
                     drop_type=nncf.DropType.ABSOLUTE, preset=presets[preset_name], subset_size=len(cs),
                     fast_bias_correction=fbc, ignored_scope=ignored)
                 quant.update({"method": "nncf.quantize_with_accuracy_control", "max_drop": float(max_drop),
-                              "drop_type": "absolute", "validation": {"split": "val", "n": len(items)}})
+                              "drop_type": "absolute", "metric": metric,
+                              "validation": {"split": "val", "n": len(items)}})
         except ConversionError:
             raise
         except Exception as exc:

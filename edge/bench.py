@@ -665,10 +665,8 @@ def _record(item: Item, dev: Any, res: dict[str, Any], ids: list[str], y: np.nda
         "size_bytes": size, "gzip_bytes": gz, "warmup": res.get("warmup"),
         "worker_wall_s": res.get("worker_wall_s"),
         "stages": res.get("stages"),
-        "warnings": list(item.warnings) + (["reference: FP32 source model"] if is_reference else []),
+        "warnings": list(item.warnings),
     })
-    if is_reference:
-        rec["warnings"] = [w for w in rec["warnings"] if not w.startswith("reference:")]
     rec["_probs"] = probs
     return rec
 
@@ -731,7 +729,9 @@ def bench(
 ) -> dict[str, Any]:
     """Benchmark artifacts on one or more devices against the FP32 reference; write results to ``out``.
 
-    Returns the results document (also written as ``out/results.json``). Artifacts that fail
+    Returns the results document (also written as ``out/results.json``), plus two keys that are
+    not written: ``_ids`` (the evaluated images, relative paths) and ``_probs`` ("name@device" ->
+    class probabilities aligned with ``_ids``, in ``data.class_names`` order). Artifacts that fail
     (missing runtime, crash) are listed under ``errors``; the others are still measured.
     """
     from .devices import parse_device
@@ -793,6 +793,13 @@ def bench(
             res_list = _run_remote(items, dev, opts, samples, ssh)
         runs.extend((it, dev, r) for it, r in zip(items, res_list))
 
+    for it, _, r in runs:
+        if r.get("ok") and int(r.get("n_classes", 0)) != len(it.class_names):
+            r.update({"ok": False, "error": f"the model outputs {r.get('n_classes')} classes but its manifest "
+                                            f"lists {len(it.class_names)} ({', '.join(it.class_names)})"})
+    if ref_res is not None and ref_item is not None and int(ref_res.get("n_classes", 0)) != len(ref_item.class_names):
+        raise BenchError(f"the reference {ref_item.path} outputs {ref_res.get('n_classes')} classes, not "
+                         f"{len(ref_item.class_names)}")
     errors = [{"artifact": str(it.path), "name": it.name, "device": dev.label, "error": r.get("error", "?")}
               for it, dev, r in runs if not r.get("ok")]
     for e in errors:
@@ -852,7 +859,10 @@ def bench(
     for rec in ([ref_rec] if ref_rec else []) + records:
         probs_store[f"{rec['name']}@{rec['device']['label']}"] = rec.pop("_probs")
     doc["host"]["wall_s"] = round(time.time() - t_start, 3)
-    validate_results(json.loads(json.dumps(doc, default=_jsonable)))
+    try:  # a results file that does not match its own schema is a bug: never write it
+        validate_results(json.loads(json.dumps(doc, default=_jsonable)))
+    except ImportError:
+        say("note: jsonschema is not installed; results.json was not validated against its schema")
     if out is not None:
         write_outputs(doc, Path(out), overwrite=overwrite)
     doc["_probs"] = probs_store

@@ -349,8 +349,9 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
              calib: str | Path | None, calib_size: int, calib_seed: int, calib_method: str | None,
              prune: float | None, prune_epochs: int, prune_2x4: bool, prune_lr: float, prune_min_params: int,
              prune_per_class: int | None, preprocess: str | None, classes: list[str] | None,
-             keep_float: str | Sequence[str] | None, data: str | Path | None, verify_n: int | None, min_agreement: float, no_verify: bool,
-             allow_overlap: bool, unsafe: bool, overwrite: bool, threads: int | None, command: str,
+             keep_float: str | Sequence[str] | None, data: str | Path | None, verify_n: int | None,
+             min_agreement: float, no_verify: bool, allow_overlap: bool, unsafe: bool, overwrite: bool,
+             threads: int | None, command: str,
              opts: dict[str, Any], calibrated: frozenset[str]) -> list[Artifact]:
     from edgebrain.converters.base import BuildContext, ConversionError, file_sizes
     from edgebrain.converters.source import load_source
@@ -380,13 +381,8 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
     for j in jobs:
         if (out / j.dirname).exists() and not overwrite:
             raise ConversionError(f"{out / j.dirname} already exists (use --overwrite to replace it)")
-
-    # ---- pruning
-    pruning: dict[str, Any] | None = None
-    if prune is not None:
-        src, pruning = _prune(src, dd, out, prune=prune, epochs=prune_epochs, structured=prune_2x4, lr=prune_lr,
-                              min_params=prune_min_params, per_class=prune_per_class, overwrite=overwrite,
-                              command=command)
+    if prune is not None and (out / _pruned_name(prune, prune_2x4)).exists() and not overwrite:
+        raise ConversionError(f"{out / _pruned_name(prune, prune_2x4)} already exists (use --overwrite to replace it)")
 
     # ---- calibration (built once, before any conversion: refusals fail fast)
     cal: CalibrationSet | None = None
@@ -399,6 +395,12 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
             data_root=dd.root,
             split_seed=dd.seed, fractions=dd.fractions, allow_overlap=allow_overlap)
         run_warnings += [w for w in cal.info.get("warnings", []) if "WARNING" in w or "NOT checked" in w]
+
+    # ---- pruning (after calibration: a refused calibration set fails before the fine-tuning)
+    pruning: dict[str, Any] | None = None
+    if prune is not None:
+        src, pruning = _prune(src, dd, out, prune=prune, epochs=prune_epochs, structured=prune_2x4, lr=prune_lr,
+                              min_params=prune_min_params, per_class=prune_per_class, command=command)
 
     val_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -556,8 +558,12 @@ def _float_scopes(src: Source, keep_float: str | Sequence[str] | None) -> tuple[
     return scopes, stages
 
 
+def _pruned_name(prune: float, structured: bool) -> str:
+    return f"pruned-sparse{round(prune * 100)}" + ("-2x4" if structured else "")
+
+
 def _prune(src: Source, dd: _Data, out: Path, *, prune: float, epochs: int, structured: bool, lr: float,
-           min_params: int, per_class: int | None, overwrite: bool, command: str) -> tuple[Source, dict[str, Any]]:
+           min_params: int, per_class: int | None, command: str) -> tuple[Source, dict[str, Any]]:
     from edgebrain.converters.base import ConversionError
     from edgebrain.converters.pruning import PruneConfig, prune_model
     from edgebrain.converters.source import from_keras_model
@@ -576,8 +582,7 @@ def _prune(src: Source, dd: _Data, out: Path, *, prune: float, epochs: int, stru
     cfg = PruneConfig(sparsity=float(prune), epochs=int(epochs), lr=float(lr), structured=structured,
                       min_params=int(min_params))
     pruned, rep = prune_model(src.model, cfg, src.spec, len(src.class_names), (tr.x, tr.y), (va.x, va.y))
-    name = f"pruned-sparse{round(prune * 100)}" + ("-2x4" if structured else "")
-    folder = out / name
+    folder = out / _pruned_name(prune, structured)
     with atomic_dir(folder, overwrite=True) as tmp:
         pruned.save(tmp / "model.keras")
         if src.card is not None:

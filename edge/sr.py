@@ -97,8 +97,8 @@ def degrade(hr: np.ndarray, scale: int = 2, seed: int = 0, model: Degradation | 
     Image ``i`` of a batch uses the generator ``default_rng([seed, i])``: the result depends
     only on the seed and the image's position, never on batch size or call history."""
     deg = model or Degradation(scale=scale)
-    if model is not None and model.scale != scale and scale != 2:
-        raise ValueError(f"scale {scale} disagrees with the degradation model's scale {model.scale}")
+    if deg.scale != scale:
+        raise ValueError(f"scale {scale} disagrees with the degradation model's scale {deg.scale}")
     arr = np.asarray(hr)
     single = arr.ndim == 3
     if single:
@@ -254,8 +254,10 @@ def evaluate_sr(model: Any, data_dir: str | Path, hr_size: int | None = None, sp
 
     ``hr_size`` defaults to the size recorded in the model's card."""
     m = _keras_model(model)
-    card = ModelCard.find(Path(model) / MODEL_FILE if isinstance(model, (str, Path)) and Path(model).is_dir()
-                          else model) if isinstance(model, (str, Path)) else None
+    card = None
+    if isinstance(model, (str, Path)):
+        p = Path(model)
+        card = ModelCard.find(p / MODEL_FILE if p.is_dir() else p)
     sr_info = (card.extra.get("sr") if card else None) or {}
     scale = sr_scale_of(m)
     hr = int(hr_size or sr_info.get("hr_size") or 0)

@@ -83,6 +83,9 @@ def _command_line() -> str | None:
 @click.option("--max-drop", type=float, default=None,
               help="OpenVINO int8 with accuracy control: max absolute top-1 drop on the validation split "
                    "(0.005 = 0.5 pp).")
+@click.option("--max-drop-metric", type=click.Choice(["accuracy", "agreement"]), default=None,
+              help="What --max-drop bounds: top-1 accuracy on the validation labels (default) or top-1 "
+                   "agreement with the float model.")
 @click.option("--openvino-fp16-compute", type=click.Choice(["f32", "f16"]), default=None,
               help="Compute precision of OpenVINO fp16 (compressed-weight) IR (default f32).")
 @click.option("--float-head", is_flag=True, default=None,

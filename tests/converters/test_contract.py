@@ -129,10 +129,13 @@ def test_options_selective_qdq_entropy_and_accuracy_control(trained_small: Path,
                    max_drop=0.02, keep_float="lite_s4_b3_pw")
     by = {a.target: a.manifest for a in arts}
     assert set(by) == {"tflite", "onnx", "openvino"}
-    for m in by.values():
+    for target, conv in (("tflite", "CONV_2D"), ("onnx", "Conv"), ("openvino", "Convolution")):
+        m = by[target]
         assert m["quantization"]["float_scopes"] == ["lite_s4_b3_pw"]
-        assert m["ops"]["int8_ops"] > 0 and m["ops"]["float_ops"] > 0  # that layer really runs in float
-    assert "CONV_2D" in by["tflite"]["ops"]["float_op_types"]
+        assert m["ops"]["int8_ops"] > 0
+        # that layer runs in float (OpenVINO's accuracy control may have reverted more)
+        n_float = m["ops"]["op_counts"]["float"].get(conv, 0)
+        assert n_float == 1 if target != "openvino" else n_float >= 1, m["ops"]
     assert by["tflite"]["calibration"]["method"] == "minmax" and any("entropy" in w for w in by["tflite"]["warnings"])
     q = by["onnx"]["quantization"]
     assert (q["format"], q["activations"].split()[0]) == ("qdq", "s8")

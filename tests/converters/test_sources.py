@@ -136,3 +136,24 @@ def test_source_errors_are_clear(tmp_path: Path, tiny_model: Path) -> None:
     (tmp_path / "bad.onnx").write_bytes(b"garbage")
     with pytest.raises(ModelError, match="not a readable ONNX"):
         load_source(tmp_path / "bad.onnx", workdir=tmp_path)
+
+
+def test_float_stages_from_model_card() -> None:
+    """A pipeline stage whose int8 policy in the card says "float" (an SR front end whose int8 PSNR
+    drop was over budget) is kept float in int8 artifacts; --keep-float adds more."""
+    from types import SimpleNamespace
+
+    from edgebrain.convert import _float_scopes
+    from edgebrain.modelcard import ModelCard
+    from edgebrain.preprocess import PreprocessSpec
+
+    stages = [{"name": "sr", "layer_prefix": "sr/", "int8_policy": {"decision": "float", "psnr_drop_db": 0.9}},
+              {"name": "classifier", "file": "classifier.keras"}]
+    card = ModelCard("sr-resnet50", CLASSES, PreprocessSpec.named("rescale", 48), [48, 48, 3],
+                     extra={"pipeline": {"stages": stages}})
+    src = SimpleNamespace(card=card)
+    assert _float_scopes(src, None) == (["/sr/"], ["sr"])
+    assert _float_scopes(src, "head_dense") == (["head_dense", "/sr/"], ["--keep-float head_dense", "sr"])
+    stages[0]["int8_policy"]["decision"] = "int8"
+    assert _float_scopes(src, None) == ([], [])
+    assert _float_scopes(SimpleNamespace(card=None), None) == ([], [])

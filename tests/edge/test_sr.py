@@ -47,6 +47,8 @@ def test_degradation_is_deterministic_and_batch_independent(hr64: D.Arrays) -> N
     area = x.reshape(6, 32, 2, 32, 2, 3).mean(axis=(2, 4))
     diff = np.abs(a.astype(float) - area)
     assert 0.5 < diff.mean() < 20
+    with pytest.raises(ValueError, match="disagrees"):
+        SR.degrade(x, 4, 0, SR.Degradation(scale=2))
     with pytest.raises(ValueError, match="not divisible"):
         SR.degrade(x[:, :63, :63], 2)
     noiseless = SR.Degradation(scale=2, blur_sigma=(0.0, 0.0), noise_sigma=(0.0, 0.0))
