@@ -3,7 +3,8 @@
     python benchmarks/bench_harness.py            # after benchmarks/bench_speed.py --model resnet50
 
 For the ResNet50@224 OpenVINO artifacts (int8 and fp32, from bench_speed.py), alternately runs
-OpenVINO's ``benchmark_app -hint latency -nstreams 1 -nthreads 2 -infer_precision f32`` and
+OpenVINO's ``benchmark_app -hint none -nstreams 1 -nthreads 2 -infer_precision f32 -api sync``
+(benchmark_app refuses -nstreams/-nthreads with -hint latency) and
 ``edgebrain.bench.bench`` (batch 1, 2 threads, same inference precision) for ``--rounds``
 rounds and compares the medians. For the LiteRT int8 artifact it does the same with
 ``litert-benchmark --num_threads 2``. Target: the harness adds < 2% to model time.
@@ -28,8 +29,11 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def benchmark_app(xml: Path, seconds: int, threads: int, size: int) -> dict[str, float]:
-    cmd = [str(VENV_BIN / "benchmark_app"), "-m", str(xml), "-d", "CPU", "-hint", "latency", "-nstreams", "1",
-           "-nthreads", str(threads), "-infer_precision", "f32", "-t", str(seconds), "-shape", f"[1,{size},{size},3]"]
+    # benchmark_app only takes -nstreams/-nthreads with "-hint none"; 1 stream + sync API is what the
+    # LATENCY hint gives edgebrain's runner (one infer request, all threads on it).
+    cmd = [str(VENV_BIN / "benchmark_app"), "-m", str(xml), "-d", "CPU", "-hint", "none", "-nstreams", "1",
+           "-nthreads", str(threads), "-infer_precision", "f32", "-api", "sync", "-t", str(seconds),
+           "-shape", f"[1,{size},{size},3]"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     med = re.search(r"Median:\s+([\d.]+) ms", out)
     avg = re.search(r"Average:\s+([\d.]+) ms", out)
