@@ -55,6 +55,7 @@ demo: venv check-data
 	$(PY) -m edgebrain.demo --data "$(DATA)" --out $(DEMO)
 
 bench: venv check-data
+	$(MAKE) models
 	$(PY) benchmarks/run_all.py --data "$(DATA)"
 
 clean:

@@ -86,14 +86,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-dense", action="store_true", help="reuse the dense artifacts already in --out")
     ap.add_argument("--skip-convert", action="store_true", help="reuse artifacts already in --out")
     ap.add_argument("--onnx-forms", action="store_true", help="time the ONNX int8 forms against fp32")
+    ap.add_argument("--variants", action="store_true",
+                    help="also measure non-default int8 settings (per-tensor, float head, calibration methods, "
+                         "NNCF preset, accuracy control)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--md", default=None, help="write a markdown report here")
+    ap.add_argument("--size-breakdown", action="store_true",
+                    help="only: where the bytes of the int8 files in --out go (no conversion, no evaluation)")
     args = ap.parse_args(argv)
+    if args.size_breakdown:
+        md = _size_breakdown(Path(args.out))
+        if args.md:
+            Path(args.md).write_text(md)
+        print(md)
+        return 0
     cmdline = "python " + shlex.join(sys.argv)
 
     from edgebrain import data as D
-    from edgebrain.artifact import load_manifest
+    from edgebrain.artifact import load_manifest, read_manifest_unchecked
     from edgebrain.convert import ConvertFailed, convert
     from edgebrain.modelcard import ModelCard
     from edgebrain.models.variants import load_keras_model
@@ -183,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.onnx_forms:
         report["onnx_forms"] = _onnx_forms(model_dir, args, out, x, y, ref, classes, mask)
 
+    if args.variants:
+        report["variants"] = _variants(model_dir, args, out, x, y, ref, classes, mask, results)
+
     # ---- targets
     checks: list[dict[str, Any]] = []
     src_res = results["source-fp32 (TensorFlow)"]
@@ -208,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     if pruned_ref is not None:
         pr = results["pruned-source (TensorFlow)"]
         drop = (src_res["accuracy"] - pr["accuracy"]) * 100
-        check("pruned 50 % model within 1 pp of dense", drop <= 1.0,
+        check(f"pruned {args.prune:.0%} model within 1 pp of dense", drop <= 1.0,
               f"{pr['accuracy']:.4f} vs {src_res['accuracy']:.4f} ({-drop:+.2f} pp)")
         for t in ("tflite", "onnx", "openvino"):
             k8 = f"pruned/{t}-int8-sparse{round(args.prune * 100)}"
@@ -219,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
                 base = b["size_bytes"]
                 check(f"{k8}: pruned + int8 + gzip <= 0.15x fp32", g / base <= 0.15,
                       f"{g / base:.3f}x ({g} / {base} bytes)")
+    for folder in (dense_dir, pruned_dir):
+        for d in sorted(folder.glob("*.rejected")) if folder.is_dir() else []:
+            v = read_manifest_unchecked(d).get("verification", {})
+            check(f"{folder.name}/{d.name}: passed verification at conversion", False,
+                  f"rejected: top-1 agreement {v.get('top1_agreement')} on {v.get('n')} {v.get('split')} images "
+                  f"< {v.get('threshold')}")
     report["checks"] = checks
     (out / "convert_targets.json").write_text(json.dumps(report, indent=2))
     md = _markdown(report, classes)
@@ -262,6 +282,106 @@ def _onnx_forms(model_dir: Path, args: Any, out: Path, x: np.ndarray, y: np.ndar
             "speedup_vs_fp32": {k: lat["fp32"] / v for k, v in lat.items() if "fp32" in lat}}
 
 
+def _size_breakdown(out: Path) -> str:
+    """Bytes of each int8 model file by content: weights, biases, quantisation parameters, names."""
+    import onnx
+    from onnx import numpy_helper
+    from tensorflow.lite.python import schema_py_generated as S
+
+    rows = ["| file | total | int8 weights | int32 biases | scales (f32) | zero points | names / graph | "
+            "int8 weight entropy (bits) | weights zeros |", "|---|---|---|---|---|---|---|---|---|"]
+    for f in sorted(out.glob("*/tflite-int8*/model.tflite")):
+        buf = f.read_bytes()
+        m = S.ModelT.InitFromObj(S.Model.GetRootAsModel(buf, 0))
+        by: dict[str, int] = {"w": 0, "b": 0, "s": 0, "z": 0}
+        w8: list[np.ndarray] = []
+        for sg in m.subgraphs:
+            for t in sg.tensors:
+                data = m.buffers[t.buffer].data
+                n = len(data) if data is not None else 0
+                if t.type == S.TensorType.INT8 and n:
+                    by["w"] += n
+                    w8.append(np.frombuffer(bytes(data), np.int8))
+                elif t.type == S.TensorType.INT32:
+                    by["b"] += n
+                q = t.quantization
+                if q is not None:
+                    by["s"] += 4 * len(q.scale if q.scale is not None else [])
+                    by["z"] += 8 * len(q.zeroPoint if q.zeroPoint is not None else [])  # int64 in the schema
+        rows.append(_row(f, len(buf), by, np.concatenate(w8)))
+    for f in sorted(out.glob("*/onnx-int8*/model.onnx")):
+        g = onnx.load(str(f)).graph
+        by = {"w": 0, "b": 0, "s": 0, "z": 0}
+        w8 = []
+        for t in g.initializer:
+            a = numpy_helper.to_array(t)
+            if t.name.endswith("zero_point"):
+                by["z"] += a.nbytes
+            elif t.name.endswith("scale") or a.dtype == np.float32:
+                by["s"] += a.nbytes
+            elif a.dtype == np.int8:
+                by["w"] += a.nbytes
+                w8.append(a.ravel())
+            elif a.dtype == np.int32:
+                by["b"] += a.nbytes
+        rows.append(_row(f, f.stat().st_size, by, np.concatenate(w8)))
+    return "\n".join(rows) + "\n"
+
+
+def _row(f: Path, total: int, by: dict[str, int], w: np.ndarray) -> str:
+    _, cnt = np.unique(w, return_counts=True)
+    p = cnt / cnt.sum()
+    ent = float(-(p * np.log2(p)).sum())
+    rest = total - sum(by.values())
+    return (f"| {f.parent.parent.name}/{f.parent.name}/{f.name} | {total} | {by['w']} | {by['b']} | {by['s']} | "
+            f"{by['z']} | {rest} | {ent:.2f} | {float(np.mean(w == 0)) * 100:.1f} % |")
+
+
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tflite per-tensor weights": ("tflite", {"tflite_per_channel": False}),
+    "tflite float head": ("tflite", {"float_head": True}),
+    "onnx per-tensor weights": ("onnx", {"onnx_per_channel": False}),
+    "onnx calib percentile": ("onnx", {"calib_method": "percentile"}),
+    "onnx calib entropy": ("onnx", {"calib_method": "entropy"}),
+    "onnx float head": ("onnx", {"float_head": True}),
+    "openvino preset mixed": ("openvino", {"nncf_preset": "mixed"}),
+    "openvino float head": ("openvino", {"float_head": True}),
+    "openvino accuracy control (agreement, max-drop 0.003)": ("openvino", {"max_drop": 0.003,
+                                                                           "max_drop_metric": "agreement"}),
+}
+
+
+def _variants(model_dir: Path, args: Any, out: Path, x: np.ndarray, y: np.ndarray, ref: np.ndarray,
+              classes: list[str], mask: np.ndarray, results: dict[str, Any]) -> dict[str, Any]:
+    from edgebrain.artifact import load_manifest
+    from edgebrain.convert import ConvertFailed, convert
+    from edgebrain.runtime import load_runner
+
+    src = results["source-fp32 (TensorFlow)"]
+    rows: dict[str, Any] = {}
+    for name, (target, kw) in VARIANTS.items():
+        folder = out / "variants" / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+        try:
+            convert(model_dir, target, "int8", folder, calib_size=args.calib_size, overwrite=True, data=args.data,
+                    min_agreement=0.9, **kw)
+        except ConvertFailed as exc:
+            rows[name] = {"error": str(exc)}
+            continue
+        art = load_manifest(folder / f"{target}-int8")
+        probs = _run(load_runner(art, threads=args.threads), x)
+        res = _eval(probs, y, ref, classes, mask)
+        fp32 = results.get(f"dense/{target}-fp32")
+        f8 = (art.path / "model.bin").stat().st_size if target == "openvino" else art.model_file.stat().st_size
+        f32 = fp32.get("weights_bytes", fp32["model_file_bytes"]) if fp32 else None
+        rows[name] = {"accuracy": res["accuracy"], "agreement": res["agreement"],
+                      "val_agreement": art.manifest["verification"]["top1_agreement"],
+                      "worst_recall_drop_pp": max((src["recall"][c] - res["recall"][c]) * 100 for c in classes),
+                      "file_ratio": (f8 / f32) if f32 else None,
+                      "int8_ops": art.manifest["ops"]["int8_ops"], "float_ops": art.manifest["ops"]["float_ops"]}
+        print(f"variant {name}: {rows[name]}", flush=True)
+    return rows
+
+
 def _markdown(rep: dict[str, Any], classes: list[str]) -> str:
     lines = [f"Command: `{rep['command']}`", ""]
     if rep.get("conversions"):
@@ -287,6 +407,16 @@ def _markdown(rep: dict[str, Any], classes: list[str]) -> str:
             a = f["accuracy"].get(k, {})
             lines.append(f"| {k} | {v:.2f} | {f['speedup_vs_fp32'].get(k, float('nan')):.2f}x | "
                          f"{a.get('accuracy', float('nan')) * 100:.2f} | {a.get('agreement', float('nan')) * 100:.2f} |")
+    if "variants" in rep:
+        lines += ["", "| int8 variant (not the default) | accuracy | agreement | val agreement | largest recall drop "
+                  "(pp) | file / fp32 | int8 ops | float ops |", "|---|---|---|---|---|---|---|---|"]
+        for k, v in rep["variants"].items():
+            if "error" in v:
+                lines.append(f"| {k} | {v['error'][:100]} | | | | | | |")
+                continue
+            lines.append(f"| {k} | {v['accuracy'] * 100:.2f} | {v['agreement'] * 100:.2f} | "
+                         f"{v['val_agreement'] * 100:.2f} | {v['worst_recall_drop_pp']:.2f} | "
+                         f"{v['file_ratio']:.3f}x | {v['int8_ops']} | {v['float_ops']} |")
     lines += ["", "| check | result | measured |", "|---|---|---|"]
     for c in rep["checks"]:
         lines.append(f"| {c['check']} | {'PASS' if c['pass'] else 'FAIL'} | {c['value']} |")

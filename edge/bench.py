@@ -42,6 +42,7 @@ SCHEMA_VERSION = 1
 KIND = "edgebrain-bench-results"
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "results.schema.json"
 KERAS_SUFFIXES = {".keras", ".h5", ".hdf5"}
+BUSY_WARN = 0.05  # warn when other processes took more than this share of the CPUs during timing
 EDGE_SUFFIXES = {".tflite", ".onnx", ".xml"}
 
 
@@ -657,6 +658,7 @@ def _record(item: Item, dev: Any, res: dict[str, Any], ids: list[str], y: np.nda
     size, gz = sizes[str(item.path)]
     rec.update({
         "latency_ms": res["latency_ms"], "latency_s": res.get("latency_seconds"),
+        "background_cpu": res.get("background_cpu"),
         "throughput_ips": res["throughput_ips"], "throughput": res["throughput"],
         "cold_start_ms": res["cold_start_ms"], "load_ms": res["load_ms"], "first_infer_ms": res["first_infer_ms"],
         "e2e_ms": e2e.get("p50"), "e2e": {"total": res.get("e2e_ms"), "decode_preprocess": res.get("decode_ms"),
@@ -667,6 +669,10 @@ def _record(item: Item, dev: Any, res: dict[str, Any], ids: list[str], y: np.nda
         "stages": res.get("stages"),
         "warnings": list(item.warnings),
     })
+    bg = res.get("background_cpu")
+    if bg is not None and bg > BUSY_WARN:
+        rec["warnings"].append(f"other processes used {100 * bg:.0f}% of the CPUs while latency was timed: the "
+                               "latency figures include contention (benchmark on a quiet machine)")
     rec["_probs"] = probs
     return rec
 

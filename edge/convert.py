@@ -217,11 +217,15 @@ def _verify(art: Artifact, target: Target, vs: _VerifySet, min_agreement: float,
         res["artifact_accuracy"] = round(float(np.mean(probs.argmax(1) == vs.y)), 6)
     actual = getattr(runner, "inference_precision", None)
     if actual is not None:
-        res["inference_precision_actual"] = actual
+        import re
+
+        m = re.search(r"'(\w+)'", str(actual))  # "<Type: 'bfloat16'>" -> bfloat16
+        got = m.group(1) if m else str(actual)
+        res["inference_precision_actual"] = got
         want = (art.manifest.get("runtime_options") or {}).get("inference_precision")
         names = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
-        if want and names.get(want, want) not in str(actual):
-            warnings.append(f"asked OpenVINO for {want} inference, the CPU plugin runs {actual}")
+        if want and names.get(want, want) != got:
+            warnings.append(f"asked OpenVINO for {want} inference; the CPU plugin runs {got}")
     passed = ag["top1_agreement"] >= min_agreement
     if art.precision == "fp32":
         res["max_abs_dp_threshold"] = FP32_MAX_DP

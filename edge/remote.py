@@ -119,6 +119,44 @@ def peak_rss_mb() -> float | None:
         return None
 
 
+class BackgroundLoad:
+    """How busy the machine's CPUs were with *other* processes while we timed (Linux /proc/stat).
+
+    ``stop()`` returns the fraction of all CPUs' time (0..1) used by everything except this
+    process between start and stop, or None where /proc/stat is unavailable. Anything above a
+    few percent means the latency figures include contention.
+    """
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.busy0 = self._busy_s()
+        self.self0 = self._self_s()
+
+    @staticmethod
+    def _busy_s() -> float | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as fh:
+                parts = fh.readline().split()
+            v = [int(x) for x in parts[1:9]]  # user nice system idle iowait irq softirq steal
+            return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError, AttributeError):
+            return None
+
+    @staticmethod
+    def _self_s() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def stop(self) -> float | None:
+        busy1 = self._busy_s()
+        if self.busy0 is None or busy1 is None:
+            return None
+        wall = time.perf_counter() - self.t0
+        ncpu = os.cpu_count() or 1  # the "cpu" line of /proc/stat sums every CPU of the machine
+        other = (busy1 - self.busy0) - (self._self_s() - self.self0)
+        return round(min(1.0, max(0.0, other / (wall * ncpu))), 4) if wall > 0 else None
+
+
 def stats(ms: Sequence[float]) -> dict[str, float]:
     a = np.asarray(ms, np.float64)
     if a.size == 0:
@@ -208,7 +246,9 @@ def measure(job: dict[str, Any], make_runner: Callable[[], Any], spec: Preproces
 
     for _ in range(int(timing["warmup"])):
         runner.run(x0)
+    meter = BackgroundLoad()
     lat, lat_s = time_loop(lambda: runner.run(x0), int(timing["min_runs"]), float(timing["min_seconds"]))
+    background = meter.stop()
 
     # Throughput: a larger batch of distinct real images; batch 1 when the model's batch is fixed.
     batch = max(1, int(timing["batch"]))
@@ -283,6 +323,7 @@ def measure(job: dict[str, Any], make_runner: Callable[[], Any], spec: Preproces
         "warmup": int(timing["warmup"]),
         "latency_ms": stats(lat),
         "latency_seconds": lat_s,
+        "background_cpu": background,
         "throughput": tp,
         "throughput_ips": tp["images_per_s"],
         "e2e_ms": stats(e2e) if e2e else None,

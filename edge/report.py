@@ -58,7 +58,7 @@ def _threads(r: dict[str, Any]) -> str:
 
 SPEED_COLUMNS = ["model", "target", "precision", "device", "runtime (ran on)", "threads", "p50 ms", "p90 ms",
                  "p99 ms", "mean ms", "speed-up", "size ratio", "Δ acc pp", "throughput img/s", "cold start ms",
-                 "e2e ms", "peak RSS", "size", "gzip"]
+                 "e2e ms", "peak RSS", "size", "gzip", "other CPU load"]
 ACC_COLUMNS = ["model", "device", "n", "accuracy [95% CI]", "Δ acc pp", "macro-F1", "agreement", "flips",
                "McNemar b/c", "McNemar p", "ECE", "dedup n", "dedup accuracy", "dedup macro-F1"]
 LEFT = {"model", "target", "precision", "device", "runtime (ran on)", "threads", "stage", "model file"}
@@ -99,7 +99,7 @@ def speed_rows(doc: dict[str, Any]) -> list[list[str]]:
             "1.000" if r is ref else (_f(vs.get("size_ratio"), 3) if vs else "-"), _delta(r, ref),
             _f(r["throughput_ips"], 1) + (f" (batch {tp.get('batch')})" if tp.get("batch") else ""),
             _f(r["cold_start_ms"], 0), _f(r["e2e_ms"]), _f(r["peak_rss_mb"], 0, " MB"), _mb(r["size_bytes"]),
-            _mb(r.get("gzip_bytes")),
+            _mb(r.get("gzip_bytes")), _pct(r.get("background_cpu"), 0),
         ])
     return rows
 
@@ -171,7 +171,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
                      f"at end {host.get('load_average_end')}")
     lines += ["", "## Speed and size", "",
               "Sorted by model-only batch-1 p50 latency; the reference heads the table. Speed-up (reference p50 / "
-              "p50) and size ratio are against the reference; Δ acc in percentage points.", ""]
+              "p50) and size ratio are against the reference; Δ acc in percentage points. Other CPU load: share of "
+              "the machine's CPU time used by other processes while the latency was timed (above a few percent, "
+              "the latency includes contention).", ""]
     lines += _md_table(SPEED_COLUMNS, speed_rows(doc))
     lines += ["", "## Accuracy", "",
               "Same order. CI: 95% percentile bootstrap. Agreement: top-1 agreement with the reference. McNemar: "
@@ -379,7 +381,9 @@ def render_html(doc: dict[str, Any]) -> str:
 
     parts.append("<h2>Speed and size</h2><p class=\"muted\">Sorted by model-only batch-1 p50 latency; the "
                  "reference heads the table. Speed-up (reference p50 / p50) and size ratio against the reference; "
-                 "Δ acc in percentage points.</p>")
+                 "Δ acc in percentage points. Other CPU load: share of the machine's CPU time used by other "
+                 "processes while the latency was timed (above a few percent, the latency includes "
+                 "contention).</p>")
     parts.append(_html_table("speed", SPEED_COLUMNS, speed_rows(doc), ordered(doc), ref))
     parts.append("<h2>Accuracy</h2><p class=\"muted\">Same order. CI: 95% percentile bootstrap. Agreement: top-1 "
                  "agreement with the reference. McNemar: b = reference right / model wrong, c = the reverse; exact "

@@ -155,3 +155,19 @@ def test_reference_device_label_comes_from_the_tensor_device() -> None:
 
     assert _device_label("/job:localhost/replica:0/task:0/device:GPU:0") == "GPU:0"
     assert _device_label("/job:localhost/replica:0/task:0/device:CPU:0") == "CPU:0"
+
+
+def test_background_load_sees_another_busy_process() -> None:
+    from edgebrain.remote import BackgroundLoad
+
+    hog = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.3)
+        meter = BackgroundLoad()
+        time.sleep(1.0)
+        share = meter.stop()
+    finally:
+        hog.wait(10)
+    import os
+
+    assert share is not None and share > 0.6 / (os.cpu_count() or 1)  # one busy process is ~1/ncpu of the machine
