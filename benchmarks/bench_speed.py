@@ -31,6 +31,10 @@ BEST_INT8_TARGET = {"resnet50": 5.5, "xception": 4.2}
 OWN_FP32_TARGET = {"resnet50": {"tflite": 3.0, "onnx": 2.5, "openvino": 3.0}}
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
 def build(variant: str, work: Path, data: Path) -> Path:
     from edgebrain import data as D
     from edgebrain.modelcard import ModelCard
@@ -108,6 +112,8 @@ def main() -> int:
         "p50_ms": {f"{t}-{p}": v for (t, p), v in sorted(p50.items())},
         "mean_ms": {f"{t}-{p}": recs[(t, p)]["latency_ms"]["mean"] for (t, p) in sorted(p50)},
         "execution_precision": {f"{t}-{p}": recs[(t, p)]["device"]["execution_precision"] for (t, p) in sorted(p50)},
+        "background_cpu": {"reference": ref.get("background_cpu"),
+                           **{f"{t}-{p}": recs[(t, p)].get("background_cpu") for (t, p) in sorted(p50)}},
         "best_int8": {"artifact": "-".join(best_key), "speedup_vs_tf": tf_p50 / int8[best_key],
                       "target": BEST_INT8_TARGET[args.model]},
         "int8_vs_own_fp32": {t: p50[(t, "fp32")] / p50[(t, "int8")] for t in ("tflite", "onnx", "openvino")
@@ -122,11 +128,14 @@ def main() -> int:
 
     ok = summary["best_int8"]["speedup_vs_tf"] >= summary["best_int8"]["target"]
     lines = [f"### {args.model} @ {MODELS[args.model]}, batch 1, {args.threads} threads", "",
-             f"TF fp32 reference ({ref['device']['runtime']} on {ref['device']['ran_on']}): p50 {tf_p50:.1f} ms", "",
-             "| artifact | p50 ms | mean ms | vs TF fp32 | execution precision |", "|---|---:|---:|---:|---|"]
+             f"TF fp32 reference ({ref['device']['runtime']} on {ref['device']['ran_on']}): p50 {tf_p50:.1f} ms, "
+             f"other processes' CPU share while timed {_pct(ref.get('background_cpu'))}", "",
+             "| artifact | p50 ms | mean ms | vs TF fp32 | execution precision | other CPU load while timed |",
+             "|---|---:|---:|---:|---|---:|"]
     for (t, p), v in sorted(p50.items(), key=lambda kv: kv[1]):
         lines.append(f"| {t} {p} | {v:.2f} | {recs[(t, p)]['latency_ms']['mean']:.2f} | {tf_p50 / v:.2f}x | "
-                     f"{recs[(t, p)]['device']['execution_precision'] or '-'} |")
+                     f"{recs[(t, p)]['device']['execution_precision'] or '-'} | "
+                     f"{_pct(recs[(t, p)].get('background_cpu'))} |")
     lines += ["", f"- best int8 ({'-'.join(best_key)}) vs TF fp32: **{summary['best_int8']['speedup_vs_tf']:.2f}x** "
               f"(target >= {BEST_INT8_TARGET[args.model]}x: {'met' if ok else 'NOT met'})"]
     for t, r in summary["int8_vs_own_fp32"].items():

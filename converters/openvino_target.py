@@ -204,8 +204,9 @@ class OpenVINOTarget(Target):
                                  "subset_size": len(cs), "fast_bias_correction": fbc, "float_head": float_head,
                                  "float_stages": list(ctx.float_stages), "float_scopes": list(ctx.float_scopes),
                                  "weights": "int8 per-channel (symmetric)",
-                                 "activations": "int8 per-tensor " + ("(symmetric)" if preset_name == "performance"
-                                                                      else "(asymmetric)")}
+                                 "activations": "8-bit per-tensor, " + (
+                                     "symmetric (unsigned where the input is non-negative)"
+                                     if preset_name == "performance" else "asymmetric")}
         try:
             if max_drop is None:
                 qm = nncf.quantize(model, calib_ds, preset=presets[preset_name], subset_size=len(cs),

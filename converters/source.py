@@ -50,7 +50,7 @@ class Source:
     # -------------------------------------------------------------- description
 
     def describe(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"path": str(self.path), "sha256": self.sha256, "format": self.format,
+        d: dict[str, Any] = {"path": str(Path(self.path).resolve()), "sha256": self.sha256, "format": self.format,
                              "variant": self.variant}
         d.update(self.notes)
         return d

@@ -595,7 +595,7 @@ def _prune(src: Source, dd: _Data, out: Path, *, prune: float, epochs: int, stru
             ModelCard.from_dict(d).save(tmp)
         atomic_write_json(tmp / "pruning.json", rep)
     sha = sha256_file(folder / "model.keras")
-    rep = {**rep, "pruned_model": {"path": str(folder / "model.keras"), "sha256": sha}}
+    rep = {**rep, "pruned_model": {"path": str((folder / "model.keras").resolve()), "sha256": sha}}
     if per_class:
         rep["fine_tuning"]["per_class_subset"] = per_class
     new = from_keras_model(pruned, src, folder / "model.keras", sha, derived=src.describe())
