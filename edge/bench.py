@@ -407,6 +407,17 @@ class KerasRunner:
         self.name = f"tensorflow {tf.__version__}"
         self.device = "unknown (not run yet)"
 
+    def bind(self, x: np.ndarray) -> Any:
+        """The tf.function call on an input already on the device (``.numpy()`` waits for the result)."""
+        with self.tf.device(self._place):
+            xc = self.tf.constant(np.asarray(x, np.float32))
+        fn, place, tf = self.fn, self._place, self.tf
+
+        def call() -> Any:
+            with tf.device(place):
+                return fn(xc).numpy()
+        return call
+
     def run(self, x: np.ndarray) -> np.ndarray:
         with self.tf.device(self._place):
             y = self.fn(self.tf.constant(np.asarray(x, np.float32)))
