@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-size", type=int, default=256)
     ap.add_argument("--prune", type=float, default=0.5)
     ap.add_argument("--prune-epochs", type=int, default=2)
+    ap.add_argument("--prune-cluster", type=int, default=None,
+                    help="also sparsity-preserving clustering to N values per layer (edgebrain convert --prune-cluster)")
     ap.add_argument("--prune-targets", default="tflite,onnx,openvino")
     ap.add_argument("--skip-prune", action="store_true")
     ap.add_argument("--skip-dense", action="store_true", help="reuse the dense artifacts already in --out")
@@ -121,11 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"command": cmdline, "model": str(model_dir), "conversions": {}}
 
     # ---- convert (dense, then pruned)
-    dense_dir, pruned_dir = out / "dense", out / "pruned"
+    ptag = f"sparse{round(args.prune * 100)}" + (f"-c{args.prune_cluster}" if args.prune_cluster else "")
+    dense_dir, pruned_dir = out / "dense", out / ("pruned" + (f"-c{args.prune_cluster}" if args.prune_cluster else ""))
     if not args.skip_convert:
         for name, kw, tg, folder in (
             ("dense", {}, args.targets, dense_dir),
-            ("pruned", {"prune": args.prune, "prune_epochs": args.prune_epochs}, args.prune_targets, pruned_dir),
+            ("pruned", {"prune": args.prune, "prune_epochs": args.prune_epochs, "prune_cluster": args.prune_cluster},
+             args.prune_targets, pruned_dir),
         ):
             if (name == "pruned" and args.skip_prune) or (name == "dense" and args.skip_dense):
                 continue
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = predict_probs(src, arr.x, spec)
     results: dict[str, Any] = {"source-fp32 (TensorFlow)": _eval(ref, y, ref, classes, mask)}
     pruned_ref = None
-    pm = pruned_dir / f"pruned-sparse{round(args.prune * 100)}" / "model.keras"
+    pm = pruned_dir / f"pruned-{ptag}" / "model.keras"
     if pm.is_file():
         pmodel = load_keras_model(pm)
         pruned_ref = predict_probs(pmodel, arr.x, spec)
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         check(f"pruned {args.prune:.0%} model within 1 pp of dense", drop <= 1.0,
               f"{pr['accuracy']:.4f} vs {src_res['accuracy']:.4f} ({-drop:+.2f} pp)")
         for t in ("tflite", "onnx", "openvino"):
-            k8 = f"pruned/{t}-int8-sparse{round(args.prune * 100)}"
+            k8 = f"{pruned_dir.name}/{t}-int8-{ptag}"
             k32 = f"dense/{t}-fp32"
             if k8 in results and k32 in results:
                 a, b = results[k8], results[k32]

@@ -81,6 +81,28 @@ def test_prune_2x4_structured(small_data: dict[str, Any]) -> None:
     assert rep["achieved_overall"] == pytest.approx(0.5, abs=0.01)
 
 
+@pytest.mark.slow
+def test_prune_then_sparsity_preserving_clustering(small_data: dict[str, Any]) -> None:
+    from edgebrain.converters.pruning import PruneConfig, _walk, prune_model
+
+    model = _nested_model()
+    cfg = PruneConfig(sparsity=0.5, epochs=1, batch_size=16, lr=1e-3, clusters=8, cluster_epochs=1)
+    pruned, rep = prune_model(model, cfg, PreprocessSpec.named("rescale", SIZE), 4,
+                              small_data["train"], small_data["val"])
+    c = rep["clustering"]
+    assert c["clusters"] == 8 and c["preserve_sparsity"] and c["distinct_values"]
+    # every clustered layer (nested ones too) has at most 8 distinct kernel values, zero among them
+    assert c["max_distinct_values_per_layer"] <= 8
+    assert any("/" in k for k in c["distinct_values"])
+    k = pruned.get_layer("head_dense").kernel.numpy()
+    assert len(np.unique(k)) <= 8 and 0.0 in np.unique(k)
+    # clustering kept the sparsity pruning reached
+    assert rep["achieved_overall"] == pytest.approx(0.5, abs=0.02)
+    assert not [p for p, layer in _walk(pruned) if "Cluster" in type(layer).__name__]
+    # fewer distinct values -> gzip shrinks further than pruning alone could with 7-bit-entropy weights
+    assert rep["gzip_bytes"] < 0.6 * rep["dense_gzip_bytes"]
+
+
 def test_prune_refuses_bad_settings(small_data: dict[str, Any]) -> None:
     from edgebrain.converters.pruning import PruneConfig, prune_model
     from edgebrain.errors import ModelError
