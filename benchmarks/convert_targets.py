@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", action="store_true",
                     help="also measure non-default int8 settings (per-tensor, float head, calibration methods, "
                          "NNCF preset, accuracy control)")
+    ap.add_argument("--only-variants", default=None,
+                    help="comma-separated substrings: measure only the --variants whose name contains one")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--md", default=None, help="write a markdown report here")
@@ -363,7 +365,10 @@ def _variants(model_dir: Path, args: Any, out: Path, x: np.ndarray, y: np.ndarra
 
     src = results["source-fp32 (TensorFlow)"]
     rows: dict[str, Any] = {}
+    wanted = [w.strip() for w in (args.only_variants or "").split(",") if w.strip()]
     for name, (target, kw) in VARIANTS.items():
+        if wanted and not any(w in name for w in wanted):
+            continue
         folder = out / "variants" / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
         try:
             convert(model_dir, target, "int8", folder, calib_size=args.calib_size, overwrite=True, data=args.data,

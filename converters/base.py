@@ -82,6 +82,10 @@ class Target(ABC):
     precisions: ClassVar[tuple[str, ...]]
     source_formats: ClassVar[tuple[str, ...]] = ("tf-keras", "keras3", "onnx")
     options: ClassVar[dict[str, Any]] = {}  # option name -> default
+    # int8 settings tried, in order, when the default int8 artifact agrees with the source on fewer
+    # than --int8-fallback-below of the validation images (a key "calib_method" sets the calibration
+    # method; other keys are target options). The user's explicit settings are never overridden.
+    int8_fallbacks: ClassVar[list[dict[str, Any]]] = []
     option_help: ClassVar[dict[str, str]] = {}
     not_supported: ClassVar[dict[str, str]] = {}  # precision -> why not
 

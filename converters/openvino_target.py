@@ -86,6 +86,7 @@ class OpenVINOTarget(Target):
         "dynamic": "OpenVINO has no dynamic-range quantisation (use int8, calibrated)",
         "int16x8": "OpenVINO's CPU plugin has no 16-bit activation quantisation",
     }
+    int8_fallbacks = [{"max_drop": 0.003, "max_drop_metric": "agreement"}]
     options = {
         "openvino_from": "onnx",
         "nncf_preset": "performance",

@@ -66,6 +66,7 @@ class TFLiteTarget(Target):
     precisions = ("fp32", "fp16", "dynamic", "int8", "int16x8")
     source_formats = ("tf-keras", "keras3")
     not_supported = {"bf16": "TFLite has no bf16 model type"}
+    int8_fallbacks = [{"float_head": True}]
     options = {"tflite_io": "float", "tflite_float_fallback": True, "tflite_per_channel": True, "float_head": False}
     option_help = {
         "tflite_io": "int8 model inputs/outputs: 'float' (QUANTIZE/DEQUANTIZE inside the model) or 'int8' "

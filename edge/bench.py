@@ -485,8 +485,9 @@ def _keras_job_spec(item: Item, dev: Any, opts: BenchOptions, images: list[list[
 
 
 def _run_local(items: Sequence[Item], dev: Any, opts: BenchOptions, samples: Sequence[D.Sample],
-               unsafe: bool) -> list[dict[str, Any]]:
-    images = [[s.rel, str(s.path.resolve())] for s in samples]
+               unsafe: bool, feed: dict[str, Path] | None = None) -> list[dict[str, Any]]:
+    feed = feed or {}
+    images = [[s.rel, str(feed.get(s.rel, s.path).resolve())] for s in samples]
     out: list[dict[str, Any] | None] = [None] * len(items)
     with tempfile.TemporaryDirectory(prefix="edgebrain-bench-") as td:
         tdp = Path(td)
@@ -524,8 +525,9 @@ def _safe_name(s: str) -> str:
 
 
 def _run_remote(items: Sequence[Item], dev: Any, opts: BenchOptions, samples: Sequence[D.Sample],
-                ssh: SSHOptions) -> list[dict[str, Any]]:
-    """Copy the edge runtime zip, the artifacts and the images to the device, run there, fetch results."""
+                ssh: SSHOptions, feed: dict[str, Path] | None = None) -> list[dict[str, Any]]:
+    """Copy the edge runtime zip, the artifacts and the images to the device, run there, fetch results.
+    ``feed``: relative image path -> the file to ship instead (fused MRI+CT inputs, lossless PNG)."""
     from .devices import SSHError, SSHTransport
 
     assert dev.address is not None
@@ -540,14 +542,16 @@ def _run_remote(items: Sequence[Item], dev: Any, opts: BenchOptions, samples: Se
     if not runnable:
         return [r for r in results if r is not None]
     tr = SSHTransport(dev.address, ssh.identity, ssh.known_hosts, ssh.connect_timeout, ssh.options)
-    images = [[s.rel, f"images/{s.rel}"] for s in samples]
+    feed = feed or {}
+    arcs = {s.rel: f"images/{s.rel}" + (".fused.png" if s.rel in feed else "") for s in samples}
+    images = [[s.rel, arcs[s.rel]] for s in samples]
     with tempfile.TemporaryDirectory(prefix="edgebrain-bench-ssh-") as td:
         tdp = Path(td)
         bundle = tdp / "job.tar"
         jobs = []
         with tarfile.open(bundle, "w") as tar:
             for s in samples:
-                tar.add(str(s.path), arcname=f"images/{s.rel}")
+                tar.add(str(feed.get(s.rel, s.path)), arcname=arcs[s.rel])
             for i in runnable:
                 it = items[i]
                 adir = f"artifacts/{i:03d}-{_safe_name(it.name)}"
@@ -743,6 +747,8 @@ def bench(
     unsafe: bool = False,
     command: str | None = None,
     log: Callable[[str], None] | None = None,
+    ct_dir: str | Path | None = None,
+    ct_csv: str | Path | None = None,
 ) -> dict[str, Any]:
     """Benchmark artifacts on one or more devices against the FP32 reference; write results to ``out``.
 
@@ -750,6 +756,12 @@ def bench(
     not written: ``_ids`` (the evaluated images, relative paths) and ``_probs`` ("name@device" ->
     class probabilities aligned with ``_ids``, in ``data.class_names`` order). Artifacts that fail
     (missing runtime, crash) are listed under ``errors``; the others are still measured.
+
+    Models trained on fused MRI+CT input need ``ct_dir`` and/or ``ct_csv`` (pairing as in
+    ``edgebrain train --fuse``, relative to ``data_dir``): every evaluation MRI is fused with its
+    CT partner on the host (:func:`edgebrain.fusion.load_fused`, at the model input size) and the
+    fused images, written as lossless PNG, are what every worker (and the reference) decodes. An
+    MRI without a CT partner is listed in ``data.failed`` and counted in ``data.fusion.n_failed``.
     """
     from .devices import parse_device
 
@@ -774,10 +786,8 @@ def bench(
     ds, samples, dedup, data_info = select_samples(data_dir, split, eval_list, per_class, opts.seed)
     warnings: list[str] = []
     items = [resolve_item(a, preprocess, classes, input_size, precision) for a in artifacts]
-    from .fusion import require_plain_input
-
+    fusion = _fusion_of_items(items, ct_dir, ct_csv)
     for it in items:
-        require_plain_input(it.spec, what=str(it.path))  # bench feeds plain MRI images
         _class_perm(it, ds.class_names)
         card = (it.artifact.manifest.get("model_card") if it.artifact else None) or {}
         mh = (card.get("data") or {}).get("manifest_hash")
@@ -787,7 +797,7 @@ def bench(
     ref_item = None if no_reference else resolve_reference(items, reference, preprocess, classes, input_size,
                                                            warnings)
     if ref_item is not None:
-        require_plain_input(ref_item.spec, what=f"the reference {ref_item.path}")
+        _fusion_of_items([ref_item], ct_dir, ct_csv, fusion, what=f"the reference {ref_item.path}")
         _class_perm(ref_item, ds.class_names)
     for w in warnings:
         say(f"warning: {w}")
@@ -796,19 +806,39 @@ def bench(
     say(f"bench: {len(items)} artifact(s) x {len(devices)} device(s), {len(samples)} images "
         f"({data_info['split']}), reference: {ref_item.path if ref_item else 'none'}")
 
-    # Reference first (host, TensorFlow), then every device.
-    runs: list[tuple[Item, Any, dict[str, Any]]] = []
-    ref_res = None
-    if ref_item is not None:
-        ref_res = _run_local([ref_item], host, opts, samples, unsafe)[0]
-        if not ref_res.get("ok"):
-            raise BenchError(f"the reference {ref_item.path} failed: {ref_res.get('error')}")
-    for dev in devices:
-        if dev.is_local:
-            res_list = _run_local(items, dev, opts, samples, unsafe)
-        else:
-            res_list = _run_remote(items, dev, opts, samples, ssh)
-        runs.extend((it, dev, r) for it, r in zip(items, res_list))
+    # Fused MRI+CT models: the fused inputs are made once, here, and every run decodes those.
+    fused_tmp = tempfile.TemporaryDirectory(prefix="edgebrain-fused-") if fusion is not None else None
+    feed: dict[str, Path] | None = None
+    host_failed: dict[str, str] = {}
+    fusion_info: dict[str, Any] | None = None
+    run_samples = list(samples)
+    try:
+        if fusion is not None:
+            assert fused_tmp is not None
+            feed, host_failed, fusion_info = _fused_inputs(samples, data_dir, ct_dir, ct_csv, fusion,
+                                                           items[0].spec.size, Path(fused_tmp.name))
+            for rel, why in host_failed.items():
+                say(f"error: {rel}: {why}")
+            run_samples = [s for s in samples if s.rel in feed]
+            say(f"fusion: {len(feed)} MRI+CT pair(s) fused ({fusion.method}, mode {fusion.mode}), "
+                f"{len(host_failed)} MRI image(s) failed")
+
+        # Reference first (host, TensorFlow), then every device.
+        runs: list[tuple[Item, Any, dict[str, Any]]] = []
+        ref_res = None
+        if ref_item is not None:
+            ref_res = _run_local([ref_item], host, opts, run_samples, unsafe, feed)[0]
+            if not ref_res.get("ok"):
+                raise BenchError(f"the reference {ref_item.path} failed: {ref_res.get('error')}")
+        for dev in devices:
+            if dev.is_local:
+                res_list = _run_local(items, dev, opts, run_samples, unsafe, feed)
+            else:
+                res_list = _run_remote(items, dev, opts, run_samples, ssh, feed)
+            runs.extend((it, dev, r) for it, r in zip(items, res_list))
+    finally:
+        if fused_tmp is not None:
+            fused_tmp.cleanup()
 
     for it, _, r in runs:
         if r.get("ok") and int(r.get("n_classes", 0)) != len(it.class_names):
@@ -825,7 +855,7 @@ def bench(
     all_res = [r for _, _, r in ok_runs] + ([ref_res] if ref_res else [])
     # Evaluate on the images every run decoded (a failure is reported by name, never hidden).
     by_rel = {s.rel: s for s in samples}
-    failed: dict[str, str] = {}
+    failed: dict[str, str] = dict(host_failed)
     for r in all_res:
         for f in r.get("failed", []):
             failed.setdefault(f["file"], f["problem"])
@@ -855,6 +885,8 @@ def bench(
         "n": len(common), "dedup_n": (sum(1 for i in common if i in dedup) if dedup is not None else None),
         "failed": [{"file": k, "problem": v} for k, v in failed.items()],
     })
+    if fusion_info is not None:
+        data_info["fusion"] = fusion_info
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "kind": KIND,
@@ -885,6 +917,78 @@ def bench(
     doc["_probs"] = probs_store
     doc["_ids"] = common
     return doc
+
+
+def _fusion_of_items(items: Sequence[Item], ct_dir: str | Path | None, ct_csv: str | Path | None,
+                     expected: Any = None, what: str | None = None) -> Any:
+    """The MRI+CT fusion every item expects (None: plain MRI). Without CT options a fused model is
+    refused; with them a plain one is, and so are models that differ in fusion or input size."""
+    from .fusion import require_fused_input, require_plain_input
+
+    if ct_dir is None and ct_csv is None:
+        for it in items:
+            require_plain_input(it.spec, what=what or str(it.path))  # bench feeds plain MRI images
+        return None
+    found: list[tuple[Any, tuple[int, int] | None, Item | None]] = []
+    for it in items:
+        found.append((require_fused_input(it.spec, what=what or str(it.path)), it.spec.size, it))
+    if expected is not None:
+        found.insert(0, (expected, None, None))
+    first = found[0][0]
+    for f, _, it in found[1:]:
+        if f != first:
+            raise BenchError(f"{what or (it.path if it else '?')} expects fusion {f.to_dict()}, another model "
+                             f"{first.to_dict()}: bench models with different fusions separately")
+    sizes = {sz for _, sz, _ in found if sz is not None}
+    if len(sizes) > 1:
+        raise BenchError(f"the fused models take different input sizes {sorted(sizes)}: the fused inputs are made "
+                         "once at the model size, so bench them separately")
+    return first
+
+
+def _fused_inputs(samples: Sequence[D.Sample], data_dir: str | Path, ct_dir: str | Path | None,
+                  ct_csv: str | Path | None, fusion: Any, size: tuple[int, int], out: Path
+                  ) -> tuple[dict[str, Path], dict[str, str], dict[str, Any]]:
+    """Pair every MRI with its CT image and fuse them (edgebrain.fusion.load_fused, at the model
+    size: the same pixels training and ``Predictor`` inputs get), written as lossless PNG under
+    ``out``. -> (relative MRI path -> PNG, relative MRI path -> why it failed, the fusion record)."""
+    from PIL import Image
+
+    from .errors import ImageLoadError
+    from .fusion import CTPairing, FusionError, load_fused
+    from .progress import track
+    from .remote import stats
+
+    pairing = CTPairing(ct_dir, ct_csv, mri_root=data_dir)
+    feed: dict[str, Path] = {}
+    failed: dict[str, str] = {}
+    ms: list[float] = []
+    for k, s in enumerate(track(list(samples), description=f"fusing {len(samples)} MRI+CT pairs")):
+        ct, problem = pairing.partner(s.path)
+        if ct is None:
+            failed[s.rel] = str(problem)
+            continue
+        t0 = time.perf_counter()
+        try:
+            x = load_fused(s.path, ct, fusion, size)
+        except ImageLoadError as exc:
+            failed[s.rel] = exc.reason if Path(exc.path) == Path(s.path) else f"{exc.path}: {exc.reason}"
+            continue
+        ms.append((time.perf_counter() - t0) * 1e3)
+        dst = out / f"{k:06d}.png"
+        Image.fromarray(x).save(dst, format="PNG")  # lossless: the workers decode exactly x
+        feed[s.rel] = dst
+    if not feed:
+        listed = "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:5])
+        raise FusionError(f"none of the {len(samples)} MRI images could be paired with a CT image and fused "
+                          f"({listed}{' ...' if len(failed) > 5 else ''})")
+    info = {**fusion.to_dict(), **pairing.describe(), "input_size": [int(size[0]), int(size[1])],
+            "n_fused": len(feed), "n_failed": len(failed),
+            "inputs": "fused on the host by edgebrain.fusion.load_fused at the model input size and written as "
+                      "lossless PNG; every worker (reference included) decodes those, so e2e/decode timings "
+                      "exclude the fusion itself",
+            "fuse_ms_host": stats(ms)}
+    return feed, failed, info
 
 
 def _jsonable(o: Any) -> Any:

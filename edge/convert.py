@@ -35,12 +35,13 @@ from .progress import enabled
 
 if TYPE_CHECKING:
     from edgebrain.calibration import CalibrationSet
-    from edgebrain.converters.base import Target
+    from edgebrain.converters.base import BuildContext, Target
     from edgebrain.converters.source import Source
 
 DEFAULT_CALIB_SIZE = 256
 DEFAULT_CALIB_SEED = 0
 DEFAULT_MIN_AGREEMENT = 0.99
+DEFAULT_INT8_FALLBACK_BELOW = 0.995
 DEFAULT_PRUNE_EPOCHS = 2
 FP32_MAX_DP = 1e-3  # an fp32 artifact must reproduce the source's probabilities this closely
 SUMMARY = "convert_summary.json"
@@ -188,6 +189,77 @@ def _verify_set(src: Source, data: _Data, verify_n: int | None, calib: Calibrati
                       "verified on random-pixel images only (no images known: pass --data DIR)")
 
 
+def _draft(build: Path, built: Any, target: Target, precision: str, src: Source) -> Artifact:
+    """An in-memory artifact over a build folder, enough for a runner (not written, not hashed)."""
+    return Artifact(build, {"model_file": built.model_file, "target": target.name, "precision": precision,
+                            "runtime_options": built.runtime_options, "class_names": list(src.class_names),
+                            "input_shape": list(src.input_shape), "preprocess": src.spec.to_dict(), "files": {}})
+
+
+def _int8_fallback(j: _Job, ctx: BuildContext, built: Any, build: Path, work: Path, vs: _VerifySet,
+                   below: float, threads: int | None, src: Source) -> tuple[Any, Path]:
+    """When the default int8 build agrees with the source on fewer than ``below`` of the
+    verification images, build the target's ``int8_fallbacks`` in order (skipping any that would
+    override a setting the user chose) and keep the one that agrees best on those images (the
+    validation split; never the evaluation set). The decision is recorded in
+    ``quantization.fallback``."""
+    import dataclasses
+
+    try:
+        v0, _ = _verify(_draft(build, built, j.target, j.precision, src), j.target, vs, 0.0, threads)
+        first = float(v0.get("top1_agreement", 0.0))
+        attempts: list[dict[str, Any]] = [{"settings": "default", "top1_agreement": first}]
+    except Exception as exc:  # the default does not even run: try the alternatives
+        first = 0.0
+        attempts = [{"settings": "default", "error": f"{type(exc).__name__}: {exc}"}]
+    if first >= below:
+        return built, build
+    best = (first, built, build, "default")
+    for fb in j.target.int8_fallbacks:
+        label = ", ".join(f"{k}={v}" for k, v in fb.items())
+        user_set = [k for k in fb if (ctx.calib_method is not None if k == "calib_method"
+                                      else k in ctx.options and ctx.options[k] != j.target.options.get(k))]
+        if user_set:
+            attempts.append({"settings": label, "skipped": f"set explicitly: {', '.join(user_set)}"})
+            continue
+        _say(f"{j.target.name} int8: top-1 agreement {best[0]:.4f} < {below} on {len(vs.x)} {vs.split} images; "
+             f"trying {label}")
+        ctx2 = dataclasses.replace(ctx, options={**ctx.options, **{k: v for k, v in fb.items() if k != "calib_method"}},
+                                   calib_method=fb.get("calib_method", ctx.calib_method))
+        b2 = Path(tempfile.mkdtemp(prefix=f".{j.dirname}.fallback-", dir=work))
+        try:
+            built2 = j.target.build(ctx2, j.precision, b2)
+            v2, _ = _verify(_draft(b2, built2, j.target, j.precision, src), j.target, vs, 0.0, threads)
+        except Exception as exc:  # a fallback that cannot be built is recorded, the default stands
+            attempts.append({"settings": label, "error": f"{type(exc).__name__}: {exc}"})
+            shutil.rmtree(b2, ignore_errors=True)
+            continue
+        ag = float(v2["top1_agreement"])
+        attempts.append({"settings": label, "top1_agreement": ag})
+        if built2.ops is not None and not built2.ops.get("int8_ops"):
+            attempts[-1]["not_kept"] = "no int8 op left"
+            shutil.rmtree(b2, ignore_errors=True)
+            continue
+        if ag > best[0]:
+            if best[2] != build:
+                shutil.rmtree(best[2], ignore_errors=True)
+            best = (ag, built2, b2, label)
+        else:
+            shutil.rmtree(b2, ignore_errors=True)
+        if best[0] >= below:
+            break
+    chosen_built, chosen_dir = best[1], best[2]
+    chosen_built.quantization = {**(chosen_built.quantization or {}), "fallback": {
+        "trigger": f"default int8 top-1 agreement {first:.4f} < {below} on {len(vs.x)} {vs.split} images",
+        "attempts": attempts, "chosen": best[3]}}
+    if best[3] != "default":
+        chosen_built.warnings = [*chosen_built.warnings, f"int8 fallback chosen on the {vs.split} split: {best[3]} "
+                                 f"(top-1 agreement {first:.4f} -> {best[0]:.4f})"]
+        shutil.rmtree(build, ignore_errors=True)
+    _say(f"{j.target.name} int8: keeping {best[3]} (top-1 agreement {best[0]:.4f})")
+    return chosen_built, chosen_dir
+
+
 def _verify(art: Artifact, target: Target, vs: _VerifySet, min_agreement: float,
             threads: int | None) -> tuple[dict[str, Any], list[str]]:
     from .metrics import agreement
@@ -260,6 +332,9 @@ def convert(
     prune_lr: float = 1e-4,
     prune_min_params: int = 1024,
     prune_per_class: int | None = None,
+    prune_cluster: int | None = None,
+    cluster_epochs: int = 1,
+    int8_fallback_below: float | None = DEFAULT_INT8_FALLBACK_BELOW,
     preprocess: str | None = None,
     classes: str | Sequence[str] | None = None,
     keep_float: str | Sequence[str] | None = None,
@@ -314,9 +389,12 @@ def convert(
             "calib": calib, "calib_size": calib_size if calib_size != DEFAULT_CALIB_SIZE else None,
             "calib_seed": calib_seed if calib_seed != DEFAULT_CALIB_SEED else None, "calib_method": calib_method,
             "prune": prune, "prune_epochs": prune_epochs if prune else None, "prune_2x4": prune_2x4,
+            "prune_cluster": prune_cluster, "cluster_epochs": cluster_epochs if prune_cluster and cluster_epochs != 1 else None,
             "preprocess": preprocess, "classes": class_list, "keep_float": keep_float, "data": data,
             "verify_n": verify_n,
             "min_agreement": min_agreement if min_agreement != DEFAULT_MIN_AGREEMENT else None,
+            "int8_fallback_below": (int8_fallback_below if int8_fallback_below != DEFAULT_INT8_FALLBACK_BELOW
+                                    else None),
             "no_verify": no_verify, "allow_overlap": allow_overlap, "unsafe": unsafe, "overwrite": overwrite,
             **{k: v for k, v in options.items() if v is not None and v != known[k]["default"]}})
 
@@ -327,7 +405,8 @@ def convert(
         return _convert(model, tgts, p_names, out, work, calib=calib, calib_size=calib_size, calib_seed=calib_seed,
                         calib_method=calib_method, prune=prune, prune_epochs=prune_epochs, prune_2x4=prune_2x4,
                         prune_lr=prune_lr, prune_min_params=prune_min_params, prune_per_class=prune_per_class,
-                        preprocess=preprocess, classes=class_list, keep_float=keep_float, data=data,
+                        prune_cluster=prune_cluster, cluster_epochs=cluster_epochs,
+                        int8_fallback_below=int8_fallback_below, preprocess=preprocess, classes=class_list, keep_float=keep_float, data=data,
                         verify_n=verify_n,
                         min_agreement=min_agreement, no_verify=no_verify, allow_overlap=allow_overlap,
                         unsafe=unsafe, overwrite=overwrite, threads=threads, command=command, opts=opts,
@@ -352,7 +431,8 @@ def target_options() -> dict[str, dict[str, Any]]:
 def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Path, work: Path, *,
              calib: str | Path | None, calib_size: int, calib_seed: int, calib_method: str | None,
              prune: float | None, prune_epochs: int, prune_2x4: bool, prune_lr: float, prune_min_params: int,
-             prune_per_class: int | None, preprocess: str | None, classes: list[str] | None,
+             prune_per_class: int | None, prune_cluster: int | None, cluster_epochs: int,
+             int8_fallback_below: float | None, preprocess: str | None, classes: list[str] | None,
              keep_float: str | Sequence[str] | None, data: str | Path | None, verify_n: int | None,
              min_agreement: float, no_verify: bool, allow_overlap: bool, unsafe: bool, overwrite: bool,
              threads: int | None, command: str,
@@ -365,8 +445,10 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
     dd = _Data(src, data)
     run_warnings: list[str] = list(src.warnings) + dd.warnings
     tag = ""
+    if prune_cluster is not None and prune is None:
+        raise ConversionError("--prune-cluster clusters the pruned layers: give --prune too")
     if prune is not None:
-        tag = f"-sparse{round(prune * 100)}" + ("-2x4" if prune_2x4 else "")
+        tag = "-" + _pruned_name(prune, prune_2x4, prune_cluster).split("-", 1)[1]
 
     # ---- plan
     jobs: list[_Job] = []
@@ -385,8 +467,9 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
     for j in jobs:
         if (out / j.dirname).exists() and not overwrite:
             raise ConversionError(f"{out / j.dirname} already exists (use --overwrite to replace it)")
-    if prune is not None and (out / _pruned_name(prune, prune_2x4)).exists() and not overwrite:
-        raise ConversionError(f"{out / _pruned_name(prune, prune_2x4)} already exists (use --overwrite to replace it)")
+    if prune is not None and (out / _pruned_name(prune, prune_2x4, prune_cluster)).exists() and not overwrite:
+        raise ConversionError(f"{out / _pruned_name(prune, prune_2x4, prune_cluster)} already exists "
+                              "(use --overwrite to replace it)")
 
     # ---- calibration (built once, before any conversion: refusals fail fast)
     cal: CalibrationSet | None = None
@@ -404,7 +487,8 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
     pruning: dict[str, Any] | None = None
     if prune is not None:
         src, pruning = _prune(src, dd, out, prune=prune, epochs=prune_epochs, structured=prune_2x4, lr=prune_lr,
-                              min_params=prune_min_params, per_class=prune_per_class, command=command)
+                              min_params=prune_min_params, per_class=prune_per_class, command=command,
+                              clusters=prune_cluster, cluster_epochs=cluster_epochs)
 
     val_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -420,6 +504,10 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
                        float_scopes=scopes, float_stages=stages)
     if scopes:
         _say(f"int8: ops named *{'*, *'.join(scopes)}* stay float ({', '.join(stages)})")
+
+    pipe = _pipeline_for(src, work, unsafe, pruning is not None, run_warnings)
+    if pipe is not None:
+        _say(f"pipeline: stage files {', '.join(st.name for st in pipe.stages)} are converted with each artifact")
 
     vs: _VerifySet | None = None
     if not no_verify:
@@ -437,12 +525,25 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
         build = Path(tempfile.mkdtemp(prefix=f".{j.dirname}.build-", dir=work))
         try:
             built = j.target.build(ctx, j.precision, build)
+            if j.precision == "int8" and vs is not None and int8_fallback_below and j.target.int8_fallbacks:
+                built, build = _int8_fallback(j, ctx, built, build, work, vs, int8_fallback_below, threads, src)
         except Exception as exc:  # one target failing never stops the others
             msg = str(exc) if isinstance(exc, EdgebrainError) else f"{type(exc).__name__}: {exc}"
             failed.append({"target": j.target.name, "precision": j.precision, "error": msg})
             _say(f"FAILED {j.target.name} {j.precision}: {msg}")
             continue
         warnings = list(run_warnings) + list(built.warnings)
+        stage_entries: list[dict[str, Any]] = []
+        stage_files: list[str] = []
+        if pipe is not None:
+            try:
+                stage_entries, stage_files, sw = pipe.build(j.target, j.precision, ctx, build, cal)
+                warnings += sw
+            except Exception as exc:  # a stage that cannot be converted fails the whole artifact
+                msg = str(exc) if isinstance(exc, EdgebrainError) else f"{type(exc).__name__}: {exc}"
+                failed.append({"target": j.target.name, "precision": j.precision, "error": msg})
+                _say(f"FAILED {j.target.name} {j.precision}: {msg}")
+                continue
         manifest: dict[str, Any] = {
             "name": f"{src_name}-{j.dirname}",
             "target": j.target.name,
@@ -462,6 +563,8 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
             "size": file_sizes(build, built.files),
             "runtime": j.target.runtime,
         }
+        if pipe is not None:
+            manifest["pipeline"] = {"stages": stage_entries}
         built_hash = sha256_file(build / built.model_file)
         verification: dict[str, Any] | None = None
         if vs is not None:
@@ -472,6 +575,18 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
             except Exception as exc:
                 verification = {"n": int(len(vs.x)), "split": vs.split, "passed": False, "threshold": min_agreement,
                                 "error": f"the artifact did not load or run: {type(exc).__name__}: {exc}"}
+            if pipe is not None:
+                try:
+                    pv = pipe.verify(j.target, build, stage_entries, vs, min_agreement, j.precision, threads)
+                except Exception as exc:
+                    pv = {"n": int(len(vs.x)), "split": vs.split, "passed": False,
+                          "error": f"the stage files did not load or run: {type(exc).__name__}: {exc}"}
+                manifest["pipeline"]["verification"] = pv
+                if not pv["passed"] and verification.get("passed"):
+                    verification["passed"] = False
+                    verification["error"] = "pipeline stage files: " + (pv.get("error") or (
+                        f"the chained stages agree with the source on {pv['top1_agreement']:.4f} of top-1 "
+                        f"labels (threshold {min_agreement}), max |dp| {pv['max_abs_dp']}"))
             if vs.note:
                 warnings.append(vs.note)
         else:
@@ -487,7 +602,7 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
         final = out / j.dirname
         dest = final if ok else out / f"{j.dirname}.rejected"
         with atomic_dir(dest, overwrite=True) as tmp:
-            for f in built.files:
+            for f in [*built.files, *stage_files]:
                 (tmp / f).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(build / f, tmp / f)
             if built.calibration is not None and cal is not None:
@@ -498,6 +613,8 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
         shutil.rmtree(build, ignore_errors=True)
         rec = {"name": j.dirname, "path": str(dest), "target": j.target.name, "precision": j.precision,
                **manifest["size"], "verification": manifest["verification"], "ops": built.ops}
+        if pipe is not None:
+            rec["pipeline_stages"] = [{k: e[k] for k in ("name", "model_file", "precision")} for e in stage_entries]
         if ok:
             stale = out / f"{j.dirname}.rejected"
             if stale.exists():
@@ -538,6 +655,232 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
     return artifacts
 
 
+# ----------------------------------------------------------------------------- pipeline stages
+
+STAGES_DIR = "stages"
+
+
+@dataclass
+class _Stage:
+    name: str
+    file: Path  # the stage's own source model (card ``stages[i].file``)
+    source: Source
+    input_shape: list[int]
+    output_shape: list[int] | None
+    io_space: str | None
+    keep_float: bool  # int8: the card's int8 policy says "float"
+    workdir: Path  # this stage's own scratch folder (exports and quant_pre_process caches)
+
+
+class _Pipeline:
+    """The stages of a multi-stage source (``card.extra.pipeline.stages``): each stage's own model
+    file is converted with the same target and precision as the composite and stored in the
+    artifact under ``stages/<name>/``. Calibration: stage 0 takes the composite's calibration
+    images; stage i > 0 takes the float source stage i - 1's outputs for them (the input the
+    stage sees inside the composite)."""
+
+    def __init__(self, src: Source, work: Path, unsafe: bool) -> None:
+        from edgebrain.converters.base import ConversionError
+        from edgebrain.converters.source import Source, detect_format
+        from edgebrain.io import sha256_path
+        from edgebrain.models.variants import load_keras_model
+        from edgebrain.preprocess import PreprocessSpec
+
+        card = src.card
+        rec = (card.extra.get("pipeline") or {}) if card is not None else {}
+        folder = Path(src.path).parent
+        self.stages: list[_Stage] = []
+        self._inputs: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
+        for i, st in enumerate(rec.get("stages") or []):
+            name = str(st.get("name") or f"stage{i}")
+            if not st.get("file"):
+                raise ConversionError(f"pipeline stage {name!r}: the model card gives no file")
+            f = Path(st["file"])
+            f = f if f.is_absolute() else folder / f
+            what = f"pipeline stage {name!r} ({f})"
+            try:
+                fmt, path = detect_format(f)
+                model = load_keras_model(path, unsafe=unsafe)
+            except EdgebrainError as exc:
+                raise ConversionError(f"{what}: {exc}") from exc
+            if fmt != "tf-keras":
+                raise ConversionError(f"{what}: a stage must be a tf-keras model, not {fmt}")
+            shape = [int(v) for v in st.get("input_shape") or []]
+            got = list(model.input_shape[1:]) if not isinstance(model.input_shape, list) else None
+            if got is None or [None if v is None else int(v) for v in got] != shape or len(shape) != 3:
+                raise ConversionError(f"{what}: input shape {got} differs from the card's {shape or None}")
+            out_shape = [int(v) for v in st["output_shape"]] if st.get("output_shape") else None
+            if out_shape is not None and [None if v is None else int(v) for v in model.output_shape[1:]] != out_shape:
+                raise ConversionError(f"{what}: output shape {list(model.output_shape[1:])} differs from the "
+                                      f"card's {out_shape}")
+            if self.stages and self.stages[-1].output_shape not in (None, shape):
+                raise ConversionError(f"{what}: input {shape} does not match the previous stage's output "
+                                      f"{self.stages[-1].output_shape}")
+            last = i == len(rec["stages"]) - 1
+            stage_src = Source(path=path, format=fmt, sha256=sha256_path(path), card=None,
+                               class_names=list(src.class_names) if last else [],
+                               spec=PreprocessSpec.named("rescale", (shape[0], shape[1])), input_shape=shape,
+                               variant=f"{src.variant}:{name}", model=model)
+            wd = work / f"stage-{i}-{name}"
+            wd.mkdir(parents=True, exist_ok=True)
+            self.stages.append(_Stage(name, Path(st["file"]), stage_src, shape, out_shape, st.get("io_space"),
+                                      (st.get("int8_policy") or {}).get("decision") == "float", wd))
+        if not self.stages:
+            raise ConversionError(f"{src.path}: the model card's pipeline lists no stages")
+        if self.stages[0].input_shape != list(src.input_shape):
+            raise ConversionError(f"pipeline stage {self.stages[0].name!r}: input {self.stages[0].input_shape} "
+                                  f"differs from the model's {src.input_shape}")
+
+    def float_inputs(self, x: np.ndarray) -> list[np.ndarray]:
+        """Each stage's input when ``x`` (composite input) runs through the float source stages
+        (cached: the calibration and verification arrays are the same for every artifact)."""
+        key = id(x)
+        hit = self._inputs.get(key)
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        outs = [np.asarray(x, np.float32)]
+        for st in self.stages[:-1]:
+            ys = [np.asarray(st.source.model(outs[-1][i : i + 32], training=False), np.float32)
+                  for i in range(0, len(outs[-1]), 32)]
+            outs.append(np.concatenate(ys) if ys else np.zeros((0, *(st.output_shape or [])), np.float32))
+        self._inputs[key] = (x, outs)
+        return outs
+
+    def precision(self, st: _Stage, precision: str) -> str:
+        return "fp32" if precision == "int8" and st.keep_float else precision
+
+    def build(self, target: Target, precision: str, ctx: BuildContext, build: Path,
+              cal: CalibrationSet | None) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+        """Convert every stage into ``build/stages/<name>/`` -> (manifest stage entries, files, warnings).
+        Raises ConversionError naming the stage that could not be converted."""
+        from dataclasses import replace
+
+        from edgebrain.converters.base import CALIBRATED, BuildContext, ConversionError, file_sizes
+
+        entries: list[dict[str, Any]] = []
+        files: list[str] = []
+        warnings: list[str] = []
+        cal_inputs: list[np.ndarray] | None = None
+        user_scopes = [s for s in ctx.float_stages if s.startswith("--keep-float")]
+        if user_scopes and precision == "int8":
+            warnings.append(f"{', '.join(user_scopes)} applies to the composite model only; the stage files are "
+                            "quantised per the card's int8 policy")
+        for i, st in enumerate(self.stages):
+            prec = self.precision(st, precision)
+            why = target.unsupported(prec, st.source.format)
+            if why:
+                raise ConversionError(f"pipeline stage {st.name!r} ({st.file}): {why}")
+            stage_cal = None
+            if prec in CALIBRATED:
+                if cal is None:
+                    raise ConversionError(f"pipeline stage {st.name!r}: {prec} needs calibration images")
+                if cal_inputs is None:
+                    cal_inputs = self.float_inputs(cal.x)
+                note = ("the composite's calibration images" if i == 0 else
+                        f"the float source stage {self.stages[i - 1].name!r}'s outputs for the composite's "
+                        "calibration images")
+                stage_cal = replace(cal, x=cal_inputs[i], info={**cal.info, "stage_input": note})
+            opts = {**ctx.options, "max_drop": None,
+                    "float_head": bool(ctx.options.get("float_head")) and i == len(self.stages) - 1}
+            sctx = BuildContext(source=st.source, workdir=st.workdir, options=opts,
+                                calibration=(lambda c=stage_cal: c) if stage_cal is not None else None,
+                                calib_method=ctx.calib_method)
+            rel = f"{STAGES_DIR}/{st.name}"
+            out = build / rel
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                b = target.build(sctx, prec, out)
+            except Exception as exc:
+                msg = str(exc) if isinstance(exc, EdgebrainError) else f"{type(exc).__name__}: {exc}"
+                raise ConversionError(f"pipeline stage {st.name!r} ({st.file}) could not be converted to "
+                                      f"{target.name} {prec}: {msg}") from exc
+            if ctx.options.get("max_drop") is not None and prec == "int8":
+                warnings.append(f"stage {st.name}: --max-drop applies to the composite model only; the stage "
+                                "file is quantised without accuracy control")
+            warnings += [f"stage {st.name}: {w}" for w in b.warnings]
+            files += [f"{rel}/{f}" for f in b.files]
+            ops = {k: b.ops[k] for k in ("int8_ops", "float_ops") if k in b.ops} if b.ops else None
+            entries.append({
+                "name": st.name, "model_file": f"{rel}/{b.model_file}", "input_shape": list(st.input_shape),
+                "output_shape": list(st.output_shape) if st.output_shape else None, "precision": prec,
+                "kept_float_by_policy": prec != precision, "source": {"file": st.file.as_posix(),
+                                                                       "sha256": st.source.sha256},
+                "runtime_options": dict(b.runtime_options), "ops": ops,
+                "calibration_input": stage_cal.info["stage_input"] if stage_cal is not None else None,
+                **file_sizes(out, b.files),
+            })
+        return entries, files, warnings
+
+    def verify(self, target: Target, build: Path, entries: list[dict[str, Any]], vs: _VerifySet,
+               min_agreement: float, precision: str, threads: int | None) -> dict[str, Any]:
+        """Run the converted stage files one after the other on the verification images: the chain
+        must reproduce the source model like the composite artifact does (top-1 agreement, and
+        max |dp| for fp32); each intermediate output is compared with the float source stage's."""
+        from edgebrain.runtime import _softmax_if_logits
+
+        from .metrics import agreement
+
+        ref_inputs = self.float_inputs(vs.x)
+        x = vs.x
+        per_stage: list[dict[str, Any]] = []
+        for i, (st, e) in enumerate(zip(self.stages, entries)):
+            draft = Artifact(build, {"target": target.name, "precision": e["precision"],
+                                     "model_file": e["model_file"], "runtime_options": e["runtime_options"],
+                                     "preprocess": {}, "files": {}})
+            runner = target.load(draft, threads=threads)
+            ys = [np.asarray(runner.run_raw(x[k : k + 32]), np.float32) for k in range(0, len(x), 32)]
+            y = np.concatenate(ys)
+            rec: dict[str, Any] = {"name": st.name, "precision": e["precision"],
+                                   "runtime": getattr(runner, "name", "?")}
+            if i < len(self.stages) - 1:
+                want = ref_inputs[i + 1]
+                if y.shape != want.shape:
+                    raise ValueError(f"stage {st.name!r} output shape {y.shape} differs from the source "
+                                     f"stage's {want.shape}")
+                d = np.abs(y - want)
+                rec.update({"max_abs_diff": round(float(d.max()), 6), "mean_abs_diff": round(float(d.mean()), 6)})
+                if st.io_space == "rgb/255":
+                    mse = float(np.mean((np.clip(y, 0, 1) - np.clip(want, 0, 1)) ** 2))
+                    psnr = 100.0 if mse <= 1e-10 else min(100.0, float(10 * np.log10(1.0 / mse)))  # capped
+                    rec["psnr_db_vs_source"] = round(psnr, 3)
+            per_stage.append(rec)
+            x = y
+        probs = _softmax_if_logits(x)
+        if probs.shape != vs.ref.shape:
+            raise ValueError(f"the chained stages output {probs.shape}, the source model {vs.ref.shape}")
+        ag = agreement(vs.ref, probs)
+        res: dict[str, Any] = {"n": int(len(vs.x)), "split": vs.split,
+                               "top1_agreement": round(ag["top1_agreement"], 6),
+                               "max_abs_dp": round(ag["max_abs_dp"], 6), "threshold": min_agreement,
+                               "stages": per_stage}
+        passed = ag["top1_agreement"] >= min_agreement
+        if precision == "fp32":
+            res["max_abs_dp_threshold"] = FP32_MAX_DP
+            passed = passed and ag["max_abs_dp"] <= FP32_MAX_DP
+        res["passed"] = bool(passed)
+        return res
+
+
+def _pipeline_for(src: Source, work: Path, unsafe: bool, pruned: bool, warnings: list[str]) -> _Pipeline | None:
+    card = src.card
+    rec = (card.extra.get("pipeline") or {}) if card is not None else {}
+    if not rec.get("stages"):
+        return None
+    composite = rec.get("composite_file")
+    if composite and Path(src.path).name != Path(composite).name:
+        warnings.append(f"{src.path.name} is not the pipeline's composite model ({composite}): its stage files "
+                        "are not converted")
+        return None
+    if pruned:
+        warnings.append("pipeline stage files are not converted for a pruned model (the card's stage files are "
+                        "the unpruned ones): bench reports no per-stage latency")
+        return None
+    if not src.is_keras:
+        warnings.append(f"pipeline stage files are converted for Keras sources only, not {src.format}")
+        return None
+    return _Pipeline(src, work, unsafe)
+
+
 def _float_scopes(src: Source, keep_float: str | Sequence[str] | None) -> tuple[list[str], list[str]]:
     """Node-name substrings kept float in int8: ``--keep-float`` plus every pipeline stage whose int8
     policy in the model card says "float" (``card.extra.pipeline.stages[i].int8_policy.decision``)."""
@@ -562,12 +905,14 @@ def _float_scopes(src: Source, keep_float: str | Sequence[str] | None) -> tuple[
     return scopes, stages
 
 
-def _pruned_name(prune: float, structured: bool) -> str:
-    return f"pruned-sparse{round(prune * 100)}" + ("-2x4" if structured else "")
+def _pruned_name(prune: float, structured: bool, clusters: int | None = None) -> str:
+    return (f"pruned-sparse{round(prune * 100)}" + ("-2x4" if structured else "")
+            + (f"-c{int(clusters)}" if clusters else ""))
 
 
 def _prune(src: Source, dd: _Data, out: Path, *, prune: float, epochs: int, structured: bool, lr: float,
-           min_params: int, per_class: int | None, command: str) -> tuple[Source, dict[str, Any]]:
+           min_params: int, per_class: int | None, command: str, clusters: int | None = None,
+           cluster_epochs: int = 1) -> tuple[Source, dict[str, Any]]:
     from edgebrain.converters.base import ConversionError
     from edgebrain.converters.pruning import PruneConfig, prune_model
     from edgebrain.converters.source import from_keras_model
@@ -580,13 +925,14 @@ def _prune(src: Source, dd: _Data, out: Path, *, prune: float, epochs: int, stru
     if not dd.available:
         raise ConversionError("--prune fine-tunes on the train split: the model card's data root is missing; "
                               "pass --data DIR")
-    _say(f"pruning to {prune:.0%} sparsity, {epochs} fine-tuning epoch(s)")
+    _say(f"pruning to {prune:.0%} sparsity, {epochs} fine-tuning epoch(s)"
+         + (f", then {clusters}-cluster sparsity-preserving clustering, {cluster_epochs} epoch(s)" if clusters else ""))
     tr = dd.arrays("train", src.spec.size, per_class=per_class)
     va = dd.arrays("val", src.spec.size)
     cfg = PruneConfig(sparsity=float(prune), epochs=int(epochs), lr=float(lr), structured=structured,
-                      min_params=int(min_params))
+                      min_params=int(min_params), clusters=clusters, cluster_epochs=int(cluster_epochs))
     pruned, rep = prune_model(src.model, cfg, src.spec, len(src.class_names), (tr.x, tr.y), (va.x, va.y))
-    folder = out / _pruned_name(prune, structured)
+    folder = out / _pruned_name(prune, structured, clusters)
     with atomic_dir(folder, overwrite=True) as tmp:
         pruned.save(tmp / "model.keras")
         if src.card is not None:

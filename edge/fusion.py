@@ -105,7 +105,18 @@ def require_plain_input(obj: Any, what: str = "this model") -> None:
     if f is not None:
         raise FusionError(
             f"{what} was trained on fused MRI+CT input ({f.method}, mode {f.mode}); plain MRI images would "
-            "give meaningless predictions. Build inputs with edgebrain.fusion.load_fused(mri, ct, spec).")
+            "give meaningless predictions. Give the CT images (edgebrain predict / bench: --ct-dir DIR or "
+            "--ct-csv CSV), or build inputs with edgebrain.fusion.load_fused(mri, ct, spec).")
+
+
+def require_fused_input(obj: Any, what: str = "this model") -> FusionSpec:
+    """For commands given CT images: refuse a model that takes plain MRI; return its fusion."""
+    f = fusion_of(obj)
+    if f is None:
+        raise FusionError(
+            f"{what} takes plain MRI images (its preprocessing records no MRI+CT fusion); CT images "
+            "(--ct-dir / --ct-csv) are only for models trained with --fuse. Drop the CT option.")
+    return f
 
 
 # ----------------------------------------------------------------------------- fusion maths
@@ -284,7 +295,8 @@ class CTPairing:
     def _mri_key(self, p: Path) -> str:
         p = Path(p)
         if self.mri_root is not None:
-            for a, b in ((p, self.mri_root), (p.resolve(), self.mri_root.resolve())):
+            for a, b in ((p, self.mri_root), (p.absolute(), self.mri_root.absolute()),
+                         (p.resolve(), self.mri_root.resolve())):
                 try:
                     return a.relative_to(b).as_posix()
                 except ValueError:
@@ -296,16 +308,30 @@ class CTPairing:
         p = Path(mri)
         if self._csv:
             return self._csv.get(self._mri_key(p))
-        rel = None
         if self.mri_root is not None:
-            try:
-                rel = _rel_stem(p.resolve(), self.mri_root.resolve())
-            except ValueError:
-                rel = None
-        if rel is not None and rel in self._by_rel:
-            return self._by_rel[rel]
+            # as given first (a linked MRI file keeps its place in the layout), then resolved
+            for a, b in ((p.absolute(), self.mri_root.absolute()), (p.resolve(), self.mri_root.resolve())):
+                try:
+                    rel = _rel_stem(a, b)
+                except ValueError:
+                    continue
+                if rel in self._by_rel:
+                    return self._by_rel[rel]
         cands = self._by_stem.get(p.stem, [])
         return cands[0] if len(cands) == 1 else None
+
+    def partner(self, mri: PathLike) -> tuple[Path | None, str | None]:
+        """(CT file, None) for an MRI file, or (None, why there is none): the per-file form of
+        :meth:`pair` for commands that report an unpaired file and go on with the others."""
+        c = self.find(mri)
+        src = f"pairs CSV {self.csv_path}" if self._csv else f"CT folder {self.ct_dir}"
+        if c is None:
+            if not self._csv and len(self._by_stem.get(Path(mri).stem, [])) > 1:
+                return None, f"no CT partner in {src}: several CT files share the stem {Path(mri).stem!r} (ambiguous)"
+            return None, f"no CT partner in {src}"
+        if not c.is_file():
+            return None, f"its CT partner {c} (from the {src}) does not exist"
+        return c, None
 
     def pair(self, mri_files: Sequence[PathLike]) -> list[Path]:
         """CT paths aligned with ``mri_files``; raises naming every unpaired (or missing) file."""

@@ -42,6 +42,7 @@ class Prediction:
     timings_ms: dict[str, float] = field(default_factory=dict)  # decode, preprocess, infer
     image_size: tuple[int, int] | None = None  # (height, width) before resizing, when known
     explanation: dict[str, Any] | None = None
+    ct_file: str | None = None  # fused MRI+CT input: the CT image paired with ``file``
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -57,6 +58,8 @@ class Prediction:
         }
         if self.explanation is not None:
             d["explanation"] = self.explanation
+        if self.ct_file is not None:
+            d["ct_file"] = self.ct_file
         return d
 
 
@@ -284,6 +287,53 @@ class Predictor:
         return self._make(probs[0], top_k, name, (t3 - t0) * 1e3,
                           {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, "infer": (t3 - t2) * 1e3},
                           orig)
+
+    def predict_fused(self, mri: ImageInput, ct: ImageInput, top_k: int | None = None,
+                      name: str | None = None) -> Prediction:
+        """Classify one co-registered MRI + CT pair with a model trained on fused input: both images
+        are fused as the manifest records (``preprocess.extra.fusion``), at the MRI's resolution, then
+        resized to the model size, exactly as :func:`edgebrain.fusion.load_fused` does. Raises
+        ImageLoadError naming the file (for the CT: "CT partner of <mri>: ...") and FusionError for
+        a model that records no fusion. ``latency_ms`` includes decoding both images and fusing."""
+        from .fusion import load_fused, require_fused_input
+
+        fs = require_fused_input(self.artifact, what=str(self.artifact.path))
+        label = name or (str(mri) if isinstance(mri, (str, Path)) else "<array>")
+        t0 = time.perf_counter()
+        m = self._decode(mri, label)
+        try:
+            c = self._decode(ct, str(ct) if isinstance(ct, (str, Path)) else "<array>")
+        except ImageLoadError as exc:
+            raise ImageLoadError(exc.path, f"CT partner of {label}: {exc.reason}") from exc
+        t1 = time.perf_counter()
+        rgb = load_fused(m, c, fs, self.size)
+        t2 = time.perf_counter()
+        inp = self.preprocess(rgb)
+        t3 = time.perf_counter()
+        probs = np.asarray(self.runner.run(inp), np.float32)
+        t4 = time.perf_counter()
+        self._check_classes(probs)
+        pred = self._make(probs[0], top_k, label, (t4 - t0) * 1e3,
+                          {"decode": (t1 - t0) * 1e3, "fuse": (t2 - t1) * 1e3, "preprocess": (t3 - t2) * 1e3,
+                           "infer": (t4 - t3) * 1e3}, (int(m.shape[0]), int(m.shape[1])))
+        pred.ct_file = str(ct) if isinstance(ct, (str, Path)) else None
+        return pred
+
+    @staticmethod
+    def _decode(x: ImageInput, label: str) -> np.ndarray:
+        """A path, array or PIL image -> uint8 RGB at its own size (no resizing)."""
+        if isinstance(x, (str, Path)):
+            from .imageio import load_rgb
+
+            p = Path(x)
+            if p.suffix.lower() not in IMAGE_SUFFIXES and p.is_file() and not is_dicom(p):
+                raise ImageLoadError(p, f"unsupported file type {p.suffix or '(no extension)'} "
+                                        f"(supported: {SUPPORTED_TYPES})")
+            return load_rgb(p)
+        try:
+            return as_rgb_array(x)
+        except ValueError as exc:
+            raise ImageLoadError(label, str(exc)) from exc
 
     def _make(self, p: np.ndarray, top_k: int | None, name: str | None, latency: float,
               timings: dict[str, float], orig: tuple[int, int] | None) -> Prediction:

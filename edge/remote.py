@@ -393,13 +393,18 @@ def measure_stages(art: Artifact, stages: Sequence[dict[str, Any]], threads: int
         try:
             shape = [int(v) for v in st["input_shape"]]
             x = rng.random((1, *shape), dtype=np.float32)
-            runner = RUNNERS[art.target](art.path / st["model_file"], threads=threads, **opts)
+            # the stage's own runtime options (e.g. OpenVINO's inference precision), else the artifact's;
+            # the job's (device profile) options override both, as for the whole model
+            sopts = {**(art.manifest.get("runtime_options") or {}), **(st.get("runtime_options") or {}),
+                     **{k: v for k, v in opts.items() if v is not None}}
+            runner = RUNNERS[art.target](art.path / st["model_file"], threads=threads, **sopts)
             runner.run(x)
             call = bound_call(runner, x)
             for _ in range(int(timing["warmup"])):
                 call()
             lat, secs = time_loop(call, int(timing["min_runs"]), float(timing["min_seconds"]))
-            rec.update({"latency_ms": stats(lat), "latency_s": secs})
+            rec.update({"latency_ms": stats(lat), "latency_s": secs,
+                        "execution_precision": _precision_name(getattr(runner, "inference_precision", None))})
         except Exception as exc:  # one stage failing to time is reported, the artifact's figures stand
             rec["error"] = f"{type(exc).__name__}: {exc}"
         out.append(rec)

@@ -159,6 +159,13 @@ def render_markdown(doc: dict[str, Any]) -> str:
                  + (f", {d['per_class']} per class" if d.get("per_class") else "")
                  + f", list sha256 `{d['list_hash'][:16]}`")
     lines.append(f"- classes: {', '.join(d['class_names'])}")
+    fu = d.get("fusion")
+    if fu:
+        src = f"CSV `{fu['csv']}`" if fu.get("csv") else f"CT folder `{fu.get('ct_dir')}`"
+        lines.append(f"- inputs: MRI + CT fused ({fu.get('method')}, mode {fu.get('mode')}, {fu.get('channels')}) "
+                     f"with CT from {src}; {fu.get('n_fused')} pair(s) fused on the host (median "
+                     f"{_f((fu.get('fuse_ms_host') or {}).get('p50'))} ms each, not in the e2e figures), "
+                     f"{fu.get('n_failed')} MRI image(s) without a usable CT partner")
     if ref:
         lines.append(f"- reference: `{ref['artifact']}`, {_ran_on(ref)}, threads {_threads(ref)}: accuracy "
                      f"{_pct(ref['accuracy'])}, p50 {_f(ref['latency_ms']['p50'])} ms")

@@ -121,14 +121,18 @@ class TFLiteRunner:
         self._set_input(x)
         return self.interp.invoke
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def run_raw(self, x: np.ndarray) -> np.ndarray:
+        """The model's output as computed (dequantised), without the softmax-if-logits step."""
         self._set_input(x)
         self.interp.invoke()
         y = self.interp.get_tensor(self.out["index"])
         if self.out["dtype"] in (np.int8, np.uint8, np.int16):
             scale, zp = self.out["quantization"]
             y = (y.astype(np.float32) - zp) * scale
-        return _softmax_if_logits(y)
+        return np.asarray(y, np.float32)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return _softmax_if_logits(self.run_raw(x))
 
 
 class ONNXRunner:
@@ -158,9 +162,12 @@ class ONNXRunner:
         sess = self.sess
         return lambda: sess.run_with_iobinding(binding)
 
+    def run_raw(self, x: np.ndarray) -> np.ndarray:
+        """The model's output as computed, without the softmax-if-logits step."""
+        return np.asarray(self.sess.run(None, {self.input_name: np.asarray(x, np.float32)})[0], np.float32)
+
     def run(self, x: np.ndarray) -> np.ndarray:
-        y = self.sess.run(None, {self.input_name: np.asarray(x, np.float32)})[0]
-        return _softmax_if_logits(y)
+        return _softmax_if_logits(self.run_raw(x))
 
 
 class OpenVINORunner:
@@ -189,12 +196,15 @@ class OpenVINORunner:
         self.request.set_input_tensor(ov.Tensor(self._bound, shared_memory=True))
         return self.request.infer
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def run_raw(self, x: np.ndarray) -> np.ndarray:
+        """The model's output as computed (a copy), without the softmax-if-logits step."""
         x = np.ascontiguousarray(x, np.float32)
-        # share_inputs: no copy of the input (infer is synchronous); the output is copied below.
+        # share_inputs: no copy of the input (infer is synchronous); the output is copied here.
         res = self.request.infer({0: x}, share_inputs=True)
-        y = next(iter(res.values()))
-        return _softmax_if_logits(np.asarray(y))  # astype copies
+        return np.array(next(iter(res.values())), np.float32)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return _softmax_if_logits(self.run_raw(x))
 
 
 RUNNERS: dict[str, type] = {"tflite": TFLiteRunner, "onnx": ONNXRunner, "openvino": OpenVINORunner}

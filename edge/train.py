@@ -282,7 +282,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if pairing is not None:
         extra["fusion"] = {**pre_extra["fusion"], **pairing.describe(),
                            "honoured_by": ["edgebrain train (evaluate_model)", "edgebrain.train.load_split",
-                                           "edgebrain.fusion.load_fused (Predictor inputs)"]}
+                                           "edgebrain.fusion.load_fused (Predictor inputs)",
+                                           "edgebrain predict / bench (--ct-dir / --ct-csv)"]}
     if is_sr:
         extra["sr"] = sr_info
         extra["pipeline"] = metrics["sr_pipeline"].pop("pipeline")

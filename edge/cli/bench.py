@@ -72,13 +72,20 @@ def _cpus(ctx: click.Context, param: click.Parameter, value: str | None) -> list
 @click.option("--keep-remote", is_flag=True, help="Leave the working folder on the device.")
 @click.option("--unsafe", is_flag=True, help="Allow Keras Lambda layers in the reference (trusted files only).")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
+@click.option("--ct-dir", "--ct", "ct_dir", type=click.Path(path_type=Path), default=None,
+              help="Models trained on fused MRI+CT (--fuse): CT images mirroring the --data layout (paired by "
+                   "relative path, or by file stem).")
+@click.option("--ct-csv", "--pairs", "ct_csv", type=click.Path(path_type=Path), default=None,
+              help="Models trained on fused MRI+CT: CSV with 'mri' and 'ct' columns ('mri' relative to --data "
+                   "or absolute; 'ct' relative to --ct-dir, else to the CSV's folder).")
 def command(artifacts: tuple[Path, ...], data_dir: Path, devices: tuple[str, ...], reference: Path | None,
             no_reference: bool, out: Path, overwrite: bool, eval_list: Path | None, split: str,
             per_class: int | None, seed: int, preprocess: str | None, classes: str | None, input_size: int | None,
             raw_precision: str | None, threads: int | None, cpus: list[int] | None, batch: int, warmup: int,
             min_runs: int, min_seconds: float, reference_device: str, job_timeout: float | None,
             ssh_identity: Path | None, ssh_known_hosts: Path | None, ssh_options: tuple[str, ...],
-            remote_python: str, keep_remote: bool, unsafe: bool, as_json: bool) -> None:
+            remote_python: str, keep_remote: bool, unsafe: bool, as_json: bool, ct_dir: Path | None,
+            ct_csv: Path | None) -> None:
     """Accuracy and speed of ARTIFACT(s) on DEVICE(s) against the FP32 reference.
 
     ARTIFACT is a `convert` output folder (its manifest's sha256 is checked first: a modified
@@ -95,8 +102,15 @@ def command(artifacts: tuple[Path, ...], data_dir: Path, devices: tuple[str, ...
       throughput, cold start, end-to-end per image, peak RSS, file and gzip size.
 
     \b
+    \b
+    Models trained on fused MRI+CT input (edgebrain train --fuse) need --ct-dir / --ct-csv:
+    each MRI is fused with its CT partner on the host exactly as in training, and the fused
+    images (lossless PNG) are what every worker and the reference decode. An MRI without a CT
+    partner is reported by name and left out (results.json data.failed, data.fusion).
+
     Writes OUT/results.json (schema: edgebrain/schemas/results.schema.json), OUT/results.md
-    and OUT/report.html (self-contained, offline). Exit 1 when some artifact failed to run.
+    and OUT/report.html (self-contained, offline). Exit 1 when some artifact failed to run, or
+    when some MRI image had no CT partner (or could not be fused).
     """
     from ..bench import BenchOptions, SSHOptions, bench
 
@@ -111,7 +125,7 @@ def command(artifacts: tuple[Path, ...], data_dir: Path, devices: tuple[str, ...
                     ssh=ssh, split=split, eval_list=eval_list, per_class=per_class, preprocess=preprocess,
                     classes=[c.strip() for c in classes.split(",")] if classes else None, input_size=input_size,
                     precision=raw_precision, no_reference=no_reference, overwrite=overwrite, unsafe=unsafe,
-                    command=cmd)
+                    command=cmd, ct_dir=ct_dir, ct_csv=ct_csv)
     except EdgebrainError as exc:
         raise click.ClickException(str(exc)) from exc
     clean = {k: v for k, v in doc.items() if not k.startswith("_")}
@@ -137,7 +151,12 @@ def command(artifacts: tuple[Path, ...], data_dir: Path, devices: tuple[str, ...
                       "" if r.get("agreement") is None else f"{100 * r['agreement']:.1f}%")
         con.print(t)
         con.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'report.html'}")
+    fusion = clean["data"].get("fusion") or {}
+    if fusion.get("n_failed"):
+        click.echo(f"error: {fusion['n_failed']} MRI image(s) could not be paired with a CT image or fused; "
+                   "they are listed in results.json data.failed", err=True)
     if clean.get("errors"):
         for e in clean["errors"]:
             click.echo(f"error: {e['name']} on {e['device']}: {e['error']}", err=True)
+    if clean.get("errors") or fusion.get("n_failed"):
         raise SystemExit(1)

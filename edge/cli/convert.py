@@ -46,6 +46,10 @@ def _command_line() -> str | None:
 @click.option("--prune-min-params", type=int, default=1024, show_default=True,
               help="Leave layers with fewer prunable weights dense.")
 @click.option("--prune-per-class", type=int, default=None, help="Fine-tune on a stratified subset (quick runs).")
+@click.option("--prune-cluster", type=int, default=None,
+              help="After pruning, sparsity-preserving weight clustering (tfmot) to this many distinct values "
+                   "per layer (e.g. 16): smaller gzip'd files.")
+@click.option("--cluster-epochs", type=int, default=1, show_default=True, help="Fine-tuning epochs while clustering.")
 @click.option("--preprocess", default=None,
               help="For a model without a model card: rescale | xception | caffe | imagenet | meanstd:M,M,M/S,S,S.")
 @click.option("--classes", default=None, help="For a model without a model card: class names, comma-separated.")
@@ -57,6 +61,11 @@ def _command_line() -> str | None:
 @click.option("--min-agreement", type=float, default=0.99, show_default=True,
               help="Reject an artifact whose top-1 agreement with the source is below this.")
 @click.option("--no-verify", is_flag=True, help="Skip verification (the manifest says so).")
+@click.option("--int8-fallback-below", type=float, default=0.995, show_default=True,
+              help="When an int8 artifact's top-1 agreement on the verification (validation) images is below "
+                   "this, try the target's alternative int8 settings (OpenVINO: accuracy-controlled NNCF; "
+                   "TFLite: float head; ONNX: percentile calibration, float head) and keep the best. "
+                   "0 turns it off.")
 @click.option("--unsafe", is_flag=True, help="Allow Lambda layers / arbitrary code in the model file.")
 @click.option("--overwrite", is_flag=True, help="Replace existing artifact folders.")
 @click.option("--threads", type=int, default=None, help="Threads for the verification runners.")
@@ -113,6 +122,7 @@ def command(model: Path, targets: str, precisions: str, out: Path, as_json: bool
     Examples:
       edgebrain convert runs/lite --to tflite,onnx,openvino --precision fp32,int8 --out artifacts/lite
       edgebrain convert runs/lite --to tflite --precision int8 --prune 0.5 --out artifacts/lite-sparse
+      edgebrain convert runs/lite --to tflite --precision int8 --prune 0.5 --prune-cluster 16 --out artifacts/lite-pc
       edgebrain convert other.onnx --to onnx,openvino --precision int8 --calib calib_imgs/ \\
           --preprocess imagenet --classes glioma,meningioma,notumor,pituitary --out artifacts/other
     """

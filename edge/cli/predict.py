@@ -77,15 +77,27 @@ def _load_reference(path: Path, threads: int | None, want_size: tuple[int, int])
 @click.option("--explain-reference", type=click.Path(path_type=Path), default=None,
               help="FP32 model to compare maps with: an artifact folder, or a .keras model (full install; "
                    "adds Grad-CAM). Reports the saliency drift and box IoU.")
+@click.option("--ct-dir", "--ct", "ct_dir", type=click.Path(path_type=Path), default=None,
+              help="Models trained on fused MRI+CT (--fuse): CT images mirroring the MRI files (paired by "
+                   "path relative to IMAGE_OR_DIR, or by file stem).")
+@click.option("--ct-csv", "--pairs", "ct_csv", type=click.Path(path_type=Path), default=None,
+              help="Models trained on fused MRI+CT: CSV with 'mri' and 'ct' columns ('mri' relative to the "
+                   "IMAGE_OR_DIR folder or absolute; 'ct' relative to --ct-dir, else to the CSV's folder).")
 def command(artifact: Path, images: tuple[Path, ...], as_json: bool, top_k: int, threads: int | None,
             no_recursive: bool, explain_dir: Path | None, explain_budget_s: float, explain_patch: float,
-            explain_reference: Path | None) -> None:
+            explain_reference: Path | None, ct_dir: Path | None, ct_csv: Path | None) -> None:
     """Classify IMAGE_OR_DIR... (JPEG, PNG, BMP, TIFF or DICOM; greyscale or RGB; any size) with
     the edge ARTIFACT, without TensorFlow. Folders are walked for image files.
 
     The input size, preprocessing and class names come from the artifact's manifest, whose
     hashes are checked first. Prints label, probabilities and latency (decode + preprocess +
     inference) per image. A file that cannot be read is reported by name and the others go on.
+
+    \b
+    A model trained on fused MRI+CT input (edgebrain train --fuse; the manifest records the
+    fusion) needs --ct-dir or --ct-csv: each MRI is paired with its CT image, fused as the
+    manifest says and classified; an MRI without a CT partner is reported by name and the
+    others go on. Such a model is refused without them, and a plain model is refused with them.
 
     \b
     Exit status: 0 every image classified, 1 some images failed,
@@ -96,6 +108,7 @@ def command(artifact: Path, images: tuple[Path, ...], as_json: bool, top_k: int,
 
     try:
         predictor = Predictor(artifact, threads=threads, top_k=top_k)
+        fusion = _fusion_check(predictor, ct_dir, ct_csv, explain_dir)
     except (EdgebrainError, OSError, ValueError) as exc:
         raise FatalError(str(exc)) from exc
     found, failures, skipped = find_images(images, recursive=not no_recursive)
@@ -104,6 +117,12 @@ def command(artifact: Path, images: tuple[Path, ...], as_json: bool, top_k: int,
                          + (f" ({len(skipped)} other files skipped)" if skipped else ""))
     for f in failures:
         click.echo(f"error: {f.file}: {f.error}", err=True)
+    pairing: Any = None
+    if fusion is not None:
+        try:
+            pairing = _Pairings(ct_dir, ct_csv, images)
+        except EdgebrainError as exc:
+            raise FatalError(str(exc)) from exc
 
     ref: Any = None
     if explain_dir is not None and explain_reference is not None:
@@ -117,7 +136,14 @@ def command(artifact: Path, images: tuple[Path, ...], as_json: bool, top_k: int,
     explained: list[dict[str, Any]] = []
     it = track(found, description="predicting", total=len(found)) if as_json else found
     for path in it:
-        if explain_dir is None:
+        if pairing is not None:
+            res = pairing.predict(predictor, path, top_k)
+            if isinstance(res, Failure):
+                failures.append(res)
+                click.echo(f"error: {res.file}: {res.error}", err=True)
+                continue
+            pred = res
+        elif explain_dir is None:
             res = next(iter(predictor.iter_predict([path], top_k)))
             if isinstance(res, Failure):
                 failures.append(res)
@@ -150,6 +176,8 @@ def command(artifact: Path, images: tuple[Path, ...], as_json: bool, top_k: int,
     if as_json:
         doc = {"artifact": predictor.describe(), "predictions": [p.to_dict() for p in preds],
                "failures": [f.to_dict() for f in failures], "skipped": skipped, "summary": summary}
+        if fusion is not None:
+            doc["fusion"] = {**fusion.to_dict(), **pairing.describe()}
         if explain_dir is not None:
             doc["explain_dir"] = str(explain_dir)
         click.echo(json.dumps(doc, indent=2))
@@ -160,6 +188,62 @@ def command(artifact: Path, images: tuple[Path, ...], as_json: bool, top_k: int,
                    err=True)
     if failures:
         click.get_current_context().exit(EXIT_SOME_FAILED)
+
+
+def _fusion_check(predictor: Any, ct_dir: Path | None, ct_csv: Path | None, explain_dir: Path | None) -> Any:
+    """The artifact's fusion (None for plain MRI); refuses a mismatch with the CT options."""
+    from ..fusion import require_fused_input, require_plain_input
+
+    what = str(predictor.artifact.path)
+    if ct_dir is None and ct_csv is None:
+        require_plain_input(predictor.artifact, what=what)
+        return None
+    fusion = require_fused_input(predictor.artifact, what=what)
+    if explain_dir is not None:
+        raise EdgebrainError("--explain works on plain MRI inputs only; it does not take fused MRI+CT pairs")
+    return fusion
+
+
+class _Pairings:
+    """CT partners for the MRI files found under each IMAGE_OR_DIR argument: pairing by relative
+    path and the CSV's 'mri' column are relative to the folder argument the file was found in
+    (files given directly: the current folder)."""
+
+    def __init__(self, ct_dir: Path | None, ct_csv: Path | None, inputs: tuple[Path, ...]) -> None:
+        from ..fusion import CTPairing
+
+        self.ct_dir, self.ct_csv = ct_dir, ct_csv
+        # deepest folder first: a file belongs to the most specific folder argument
+        self.roots = sorted({Path(p).absolute() for p in inputs if Path(p).is_dir()}, key=lambda r: -len(r.parts))
+        self._by_root: dict[Path, Any] = {}
+        first = self.roots[0] if self.roots else Path.cwd()
+        self._by_root[first] = CTPairing(ct_dir, ct_csv, mri_root=first)  # checks the CT folder / CSV now
+        self._first = self._by_root[first]
+
+    def _for(self, path: Path) -> Any:
+        from ..fusion import CTPairing
+
+        rp = path.absolute()
+        root = next((r for r in self.roots if r in rp.parents), Path.cwd())
+        if root not in self._by_root:
+            self._by_root[root] = CTPairing(self.ct_dir, self.ct_csv, mri_root=root)
+        return self._by_root[root]
+
+    def predict(self, predictor: Any, path: Path, top_k: int) -> Any:
+        from ..predict import Failure
+
+        ct, problem = self._for(Path(path)).partner(Path(path).absolute())
+        if ct is None:
+            return Failure(str(path), str(problem))
+        try:
+            return predictor.predict_fused(path, ct, top_k, name=str(path))
+        except EdgebrainError as exc:
+            return Failure(str(path), getattr(exc, "reason", str(exc)))
+        except Exception as exc:  # one bad pair never ends the run; the reason is kept
+            return Failure(str(path), f"{type(exc).__name__}: {exc}")
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self._first.describe())
 
 
 def _explain_one(predictor: Any, path: Path, out: Path, budget_s: float, patch: float, ref: Any,

@@ -126,7 +126,7 @@ def test_options_selective_qdq_entropy_and_accuracy_control(trained_small: Path,
 
     arts = convert(trained_small, "tflite,onnx,openvino", "int8", tmp_path, calib_size=32, verify_n=32,
                    min_agreement=0.7, calib_method="entropy", onnx_format="qdq", onnx_activations="s8",
-                   max_drop=0.02, keep_float="lite_s4_b3_pw")
+                   max_drop=0.02, keep_float="lite_s4_b3_pw", int8_fallback_below=0)
     by = {a.target: a.manifest for a in arts}
     assert set(by) == {"tflite", "onnx", "openvino"}
     for target, conv in (("tflite", "CONV_2D"), ("onnx", "Conv"), ("openvino", "Convolution")):

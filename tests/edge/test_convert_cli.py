@@ -147,3 +147,55 @@ def test_clear_errors(tmp_path: Path, tiny_model: Path) -> None:
     assert res.exit_code != 0 and "unknown precision" in res.output
     res = _invoke(tiny_model, "--to", "tflite", "--precision", "bf16", "--out", tmp_path / "o")
     assert res.exit_code != 0 and "nothing to convert" in res.output
+
+
+class FlakyInt8Target(BrokenTarget):
+    """ONNX int8 whose default build corrupts the classifier; its fallback setting builds it right."""
+
+    name = "flaky"
+    precisions = ("int8",)
+    options = {"flaky_fix": False}
+    int8_fallbacks = [{"flaky_fix": True}]
+
+    def build(self, ctx: Any, precision: str, out: Path) -> Any:
+        import numpy as np
+        import onnx
+        from onnx import numpy_helper
+
+        built = ONNXTarget.build(self, ctx, precision, out)
+        if not ctx.options.get("flaky_fix"):  # negate the classifier's (int8) weights
+            m = onnx.load(str(out / built.model_file))
+            last = [t for t in m.graph.initializer if len(t.dims) == 2][-1]
+            w = numpy_helper.to_array(last)
+            flipped = np.clip(-w.astype(np.int32), -127, 127).astype(w.dtype) if w.dtype.kind in "iu" else -w
+            last.CopyFrom(numpy_helper.from_array(flipped, last.name))
+            onnx.save(m, str(out / built.model_file))
+        return built
+
+    def load(self, artifact: Any, threads: int | None = None) -> Any:
+        from edgebrain.runtime import ONNXRunner
+
+        return ONNXRunner(artifact.model_file, threads=threads)
+
+
+def test_int8_fallback_is_chosen_on_validation_and_recorded(trained_small: Path, data_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch, cache_env: Path) -> None:
+    """A really trained model: the corrupted default int8 disagrees, the fallback agrees."""
+    monkeypatch.setitem(TARGETS, "flaky", FlakyInt8Target())
+    out = tmp_path / "arts"
+    res = _invoke(trained_small, "--to", "flaky", "--precision", "int8", "--out", out, "--verify-n", "24",
+                  "--calib-size", "16", "--data", data_dir, "--min-agreement", "0.5")
+    assert res.exit_code == 0, res.output
+    m = load_manifest(out / "flaky-int8").manifest
+    fb = m["quantization"]["fallback"]
+    assert fb["chosen"] == "flaky_fix=True"
+    first, second = fb["attempts"]
+    assert first["settings"] == "default" and second["settings"] == "flaky_fix=True"
+    assert second["top1_agreement"] > first["top1_agreement"]
+    assert m["verification"]["top1_agreement"] == pytest.approx(second["top1_agreement"], abs=1e-6)
+    assert any("fallback chosen" in w for w in m["warnings"])
+    # turned off: the default build stands (and is rejected by verification here)
+    res = _invoke(trained_small, "--to", "flaky", "--precision", "int8", "--out", tmp_path / "off", "--verify-n", "24",
+                  "--calib-size", "16", "--data", data_dir, "--min-agreement", "0.9", "--int8-fallback-below", "0")
+    assert res.exit_code == 1, res.output
+    assert (tmp_path / "off" / "flaky-int8.rejected").is_dir()
