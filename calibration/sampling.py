@@ -12,6 +12,11 @@ The sample is stratified by class (proportional, at least one per class) and see
 calibration image may share content (sha256) with the evaluation set (Testing): split
 candidates that do are dropped before sampling, and a user folder that contains any is
 refused unless ``allow_overlap`` (then the manifest carries a loud warning).
+
+A model trained on fused MRI+CT input (``preprocess.extra["fusion"]``) is calibrated on fused
+pairs, built exactly as in training (:func:`edgebrain.fusion.load_fused_arrays`): candidates
+without a CT partner (``ct_dir`` / ``ct_csv``, paired as in ``edgebrain.fusion.CTPairing``) are
+skipped and counted in the manifest's ``fusion`` block.
 """
 
 from __future__ import annotations
@@ -200,6 +205,32 @@ def stratified_sample(samples: Sequence[D.Sample], n: int, seed: int) -> list[D.
     return sorted(out, key=lambda s: s.rel)
 
 
+def _paired_candidates(candidates: Sequence[D.Sample], mri_root: Path, ct_dir: str | Path | None,
+                       ct_csv: str | Path | None) -> tuple[list[D.Sample], Any, dict[str, Any]]:
+    """The candidates that have a CT partner, the pairing, and the record of the CT source."""
+    from edgebrain.fusion import CTPairing, FusionError
+
+    try:
+        pairing = CTPairing(ct_dir=ct_dir, csv_path=ct_csv, mri_root=mri_root)
+    except FusionError as exc:
+        raise CalibrationError(f"calibration CT images: {exc}") from exc
+    kept: list[D.Sample] = []
+    unpaired: list[str] = []
+    for s in candidates:
+        ct, why = pairing.partner(s.path)
+        if ct is None:
+            unpaired.append(f"{s.path}: {why}")
+        else:
+            kept.append(s)
+    if not kept:
+        raise CalibrationError(f"none of the {len(candidates)} calibration candidates in {mri_root} has a CT "
+                               f"partner ({unpaired[0] if unpaired else 'no candidates'}); give the CT images of "
+                               "the calibration split (--ct-dir DIR or --ct-csv CSV)")
+    info = {**pairing.describe(), "candidates_before_pairing": len(candidates), "unpaired_skipped": len(unpaired),
+            "unpaired_examples": unpaired[:5]}
+    return kept, pairing, info
+
+
 def _list_hash(samples: Sequence[D.Sample]) -> str:
     return sha256_text("".join(f"{s.sha256}  {s.rel}\n" for s in sorted(samples, key=lambda s: s.rel)))
 
@@ -221,14 +252,28 @@ def build_calibration(
     fractions: dict[str, float] | None = None,
     allow_overlap: bool = False,
     use_cache: bool = True,
+    ct_dir: str | Path | None = None,
+    ct_csv: str | Path | None = None,
 ) -> CalibrationSet:
     """Select and preprocess a calibration set; refuse overlap with the evaluation set.
 
     ``data_root`` is the model's dataset (from its card or ``--data``): its calibration split
     is the default source and its Testing folder the evaluation set checked for overlap.
+    ``ct_dir`` / ``ct_csv``: the CT images of a model whose ``spec`` records an MRI+CT fusion
+    (required for such a model, refused for any other); MRI paths pair relative to the folder
+    the calibration images come from.
     """
+    from edgebrain.fusion import fusion_of
+
     if size < 1:
         raise CalibrationError(f"--calib-size must be >= 1, got {size}")
+    fusion = fusion_of(spec)
+    if fusion is None and (ct_dir is not None or ct_csv is not None):
+        raise CalibrationError("CT images (--ct-dir / --ct-csv) were given but the model's preprocessing records "
+                               "no MRI+CT fusion: it takes plain MRI. Drop the CT option.")
+    if fusion is not None and ct_dir is None and ct_csv is None:
+        raise CalibrationError(f"the model was trained on fused MRI+CT input ({fusion.method}, mode {fusion.mode}): "
+                               "calibration needs the CT images (--ct-dir DIR or --ct-csv CSV)")
     if calib_dir is not None:
         src = folder_samples(calib_dir, class_names, split_seed=split_seed, fractions=fractions)
     elif data_root is not None:
@@ -280,6 +325,15 @@ def build_calibration(
     if not candidates:
         raise CalibrationError(f"{src.root}: no calibration candidates left after removing evaluation-set images")
 
+    pairing: Any = None
+    fusion_info: dict[str, Any] | None = None
+    if fusion is not None:
+        candidates, pairing, fusion_info = _paired_candidates(candidates, src.root, ct_dir, ct_csv)
+        fusion_info = {**fusion.to_dict(), **fusion_info}
+        if fusion_info["unpaired_skipped"]:
+            warnings.append(f"{fusion_info['unpaired_skipped']} calibration candidate(s) have no CT partner: "
+                            f"skipped (first: {fusion_info['unpaired_examples'][0]})")
+
     chosen = stratified_sample(candidates, size, seed)
     if len(chosen) < size:
         warnings.append(f"asked for {size} calibration images; only {len(chosen)} available in {src.root}")
@@ -288,7 +342,14 @@ def build_calibration(
     x: np.ndarray | None = None
     failed: list[tuple[str, str]] = []
     samples = chosen
-    if use_cache and cpath.is_file():
+    if fusion is not None:  # load_fused_arrays caches by MRI and CT content
+        from edgebrain.fusion import load_fused_arrays
+
+        arr = load_fused_arrays(chosen, pairing, fusion, spec.size, use_cache=use_cache, desc="calibration")
+        failed = arr.failed
+        samples = arr.samples
+        x = spec.apply(arr.x).astype(np.float32) if len(arr.x) else np.zeros((0, *spec.size, 3), np.float32)
+    elif use_cache and cpath.is_file():
         try:
             z = np.load(cpath, allow_pickle=False)
             ok = set(z["ok"].tolist())
@@ -334,5 +395,11 @@ def build_calibration(
         "preprocess": spec.name,
         "warnings": warnings,
     }
+    if fusion_info is not None and pairing is not None:
+        cts = [pairing.find(s.path) for s in samples]
+        fusion_info["pairs"] = len(samples)
+        fusion_info["ct_list_hash"] = sha256_text("".join(f"{sha256_file(c)}  {s.rel}\n"
+                                                          for s, c in zip(samples, cts) if c is not None))
+        info["fusion"] = fusion_info
     y = np.array([s.label for s in samples], np.int64)
     return CalibrationSet(x=x, y=y, samples=list(samples), info=info)

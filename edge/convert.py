@@ -116,6 +116,10 @@ class _Data:
         self.warnings: list[str] = []
         self._ds: D.Dataset | None = None
         self._splits: dict[str, list[D.Sample]] | None = None
+        # MRI+CT fusion (set by _fusion_setup): every split is loaded as fused pairs
+        self.fusion: Any = None  # edgebrain.fusion.FusionSpec
+        self.pairing: Any = None  # edgebrain.fusion.CTPairing over self.root
+        self.unpaired: dict[str, int] = {}  # split -> images skipped for want of a CT partner
         if self.root is not None and not (self.root / "Training").is_dir():
             msg = f"dataset root {self.root} (from {'--data' if data else 'the model card'}) has no Training/ folder"
             if data is not None:
@@ -145,16 +149,107 @@ class _Data:
     def arrays(self, split: str, size: tuple[int, int], n: int | None = None,
                per_class: int | None = None, seed: int = 0) -> D.Arrays:
         samples = self.splits()[split]
+        if self.fusion is not None:
+            samples = self._paired(split, samples)
         if per_class:
             samples = D.subset(samples, per_class, seed)
         if n is not None and n < len(samples):
             from edgebrain.calibration import stratified_sample
 
             samples = stratified_sample(samples, n, seed)
-        arr = D.load_arrays(samples, size, desc=split)
+        if self.fusion is not None:
+            from .fusion import load_fused_arrays
+
+            arr = load_fused_arrays(samples, self.pairing, self.fusion, size, desc=split)
+        else:
+            arr = D.load_arrays(samples, size, desc=split)
         for p, r in arr.failed:
             self.warnings.append(f"{split} image skipped: {p}: {r}")
         return arr
+
+    def _paired(self, split: str, samples: list[D.Sample]) -> list[D.Sample]:
+        """The samples of a split that have a CT partner (the others are counted and skipped)."""
+        from edgebrain.converters.base import ConversionError
+
+        kept: list[D.Sample] = []
+        first = ""
+        for s in samples:
+            ct, why = self.pairing.partner(s.path)
+            if ct is None:
+                first = first or f"{s.path}: {why}"
+            else:
+                kept.append(s)
+        skipped = len(samples) - len(kept)
+        if skipped and split not in self.unpaired:
+            self.warnings.append(f"{skipped} of {len(samples)} {split} images have no CT partner: skipped "
+                                 f"(first: {first})")
+        self.unpaired[split] = skipped
+        if not kept:
+            raise ConversionError(f"none of the {len(samples)} {split} images of {self.root} has a CT partner "
+                                  f"({first}); give the CT images of the model's splits (--ct-dir DIR or "
+                                  "--ct-csv CSV)")
+        return kept
+
+
+def _card_ct_source(src: Source) -> tuple[str | None, str | None, list[str]]:
+    """The CT folder / pairs CSV the model card records from training (``extra.fusion``, else
+    ``training.ct_dir`` / ``ct_csv``) -> (existing folder, existing CSV, recorded but missing)."""
+    card = src.card
+    if card is None:
+        return None, None, []
+    rec = card.extra.get("fusion") or {}
+    tr = card.training or {}
+    found: dict[str, str | None] = {"dir": None, "csv": None}
+    missing: list[str] = []
+    for kind, keys in (("dir", (rec.get("ct_dir"), tr.get("ct_dir"))), ("csv", (rec.get("csv"), tr.get("ct_csv")))):
+        for v in keys:
+            if not v:
+                continue
+            ok = Path(v).is_dir() if kind == "dir" else Path(v).is_file()
+            if ok:
+                found[kind] = str(v)
+                break
+            if str(v) not in missing:
+                missing.append(str(v))
+    return found["dir"], found["csv"], missing
+
+
+def _fusion_setup(src: Source, dd: _Data, ct_dir: str | Path | None,
+                  ct_csv: str | Path | None) -> tuple[str | Path | None, str | Path | None]:
+    """Check the CT options against the source's fusion; for a fused model, resolve the CT source
+    (given, else the one in the model card) and make ``dd`` load fused pairs. -> (ct_dir, ct_csv)."""
+    from edgebrain.converters.base import ConversionError
+
+    from .fusion import CTPairing, FusionError, fusion_of
+
+    try:
+        fs = fusion_of(src.spec)
+    except FusionError as exc:
+        raise ConversionError(f"{src.path}: the preprocessing's fusion record is invalid: {exc}") from exc
+    given = ct_dir is not None or ct_csv is not None
+    if fs is None:
+        if given:
+            raise ConversionError(
+                f"{src.path} takes plain MRI images (its preprocessing records no MRI+CT fusion); --ct-dir / "
+                "--ct-csv are only for models trained with --fuse. Drop the CT option.")
+        return None, None
+    if not given:
+        ct_dir, ct_csv, missing = _card_ct_source(src)
+        if ct_dir is None and ct_csv is None:
+            where = (f" (the model card's {', '.join(missing)} no longer exist{'s' if len(missing) == 1 else ''})"
+                     if missing else "")
+            raise ConversionError(
+                f"{src.path} was trained on fused MRI+CT input ({fs.method}, mode {fs.mode}): calibration and "
+                f"verification need the CT images{where}. Give --ct-dir DIR (CT images mirroring the dataset "
+                "layout) or --ct-csv CSV (mri,ct pairs).")
+        _say(f"fusion: CT images from the model card: {ct_dir or ct_csv}")
+    try:  # checks the CT folder / CSV now, before anything is built
+        pairing = CTPairing(ct_dir=ct_dir, csv_path=ct_csv, mri_root=dd.root)
+    except FusionError as exc:
+        raise ConversionError(str(exc)) from exc
+    if dd.available:  # without a dataset, calibration pairs on its own folder and verification falls back
+        dd.fusion, dd.pairing = fs, pairing
+    return ct_dir, ct_csv
 
 
 # ----------------------------------------------------------------------------- verification
@@ -167,6 +262,7 @@ class _VerifySet:
     split: str
     ref: np.ndarray  # source probabilities
     note: str | None = None
+    fusion: dict[str, Any] | None = None  # fused MRI+CT inputs: the spec, CT source, unpaired count
 
 
 def _verify_set(src: Source, data: _Data, verify_n: int | None, calib: CalibrationSet | None) -> _VerifySet:
@@ -175,12 +271,17 @@ def _verify_set(src: Source, data: _Data, verify_n: int | None, calib: Calibrati
         arr = data.arrays("val", spec.size, n=verify_n)
         if len(arr.x):
             x = spec.apply(arr.x).astype(np.float32)
-            return _VerifySet(x, arr.y, "val", src.predict(x))
+            fused = None
+            if data.fusion is not None:
+                fused = {**data.fusion.to_dict(), **data.pairing.describe(), "pairs": int(len(arr.x)),
+                         "unpaired_skipped": data.unpaired.get("val", 0)}
+            return _VerifySet(x, arr.y, "val", src.predict(x), fusion=fused)
     if calib is not None and len(calib):
         x = calib.x if verify_n is None else calib.x[:verify_n]
         y = calib.y[: len(x)] if (calib.y >= 0).all() else None
         return _VerifySet(x, y, "calib", src.predict(x),
-                          "verified on the calibration images (no validation split known: pass --data DIR)")
+                          "verified on the calibration images (no validation split known: pass --data DIR)",
+                          fusion=calib.info.get("fusion"))
     n = verify_n or 32
     rng = np.random.default_rng(0)
     pix = rng.integers(0, 256, size=(n, *spec.size, spec.channels), dtype=np.uint8)
@@ -284,6 +385,9 @@ def _verify(art: Artifact, target: Target, vs: _VerifySet, min_agreement: float,
     }
     if vs.note:
         res["note"] = vs.note
+    if vs.fusion is not None:
+        res["fusion"] = {k: vs.fusion[k] for k in ("method", "mode", "ct_dir", "csv", "pairs", "unpaired_skipped")
+                         if k in vs.fusion}
     if vs.y is not None:
         res["source_accuracy"] = round(float(np.mean(vs.ref.argmax(1) == vs.y)), 6)
         res["artifact_accuracy"] = round(float(np.mean(probs.argmax(1) == vs.y)), 6)
@@ -339,6 +443,8 @@ def convert(
     classes: str | Sequence[str] | None = None,
     keep_float: str | Sequence[str] | None = None,
     data: str | Path | None = None,
+    ct_dir: str | Path | None = None,
+    ct_csv: str | Path | None = None,
     verify_n: int | None = None,
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     no_verify: bool = False,
@@ -356,6 +462,11 @@ def convert(
     (target, precision) pairs are skipped with their reason (in ``convert_summary.json``).
     Target options (``tflite_io``, ``onnx_format``, ``nncf_preset``, ``max_drop`` ...) are
     keyword arguments; see :func:`target_options`.
+
+    A model trained on fused MRI+CT input (its preprocessing records the fusion) is calibrated,
+    verified and pruned on fused pairs: ``ct_dir`` (CT images mirroring the dataset layout) and/or
+    ``ct_csv`` (``mri,ct`` pairs), by default the CT source recorded in the model card. A model
+    without a fusion given ``ct_dir`` / ``ct_csv`` is refused.
     """
     from edgebrain.converters.base import CALIBRATED, PRECISIONS, ConversionError
     from edgebrain.converters.registry import get_target
@@ -391,7 +502,7 @@ def convert(
             "prune": prune, "prune_epochs": prune_epochs if prune else None, "prune_2x4": prune_2x4,
             "prune_cluster": prune_cluster, "cluster_epochs": cluster_epochs if prune_cluster and cluster_epochs != 1 else None,
             "preprocess": preprocess, "classes": class_list, "keep_float": keep_float, "data": data,
-            "verify_n": verify_n,
+            "ct_dir": ct_dir, "ct_csv": ct_csv, "verify_n": verify_n,
             "min_agreement": min_agreement if min_agreement != DEFAULT_MIN_AGREEMENT else None,
             "int8_fallback_below": (int8_fallback_below if int8_fallback_below != DEFAULT_INT8_FALLBACK_BELOW
                                     else None),
@@ -407,7 +518,7 @@ def convert(
                         prune_lr=prune_lr, prune_min_params=prune_min_params, prune_per_class=prune_per_class,
                         prune_cluster=prune_cluster, cluster_epochs=cluster_epochs,
                         int8_fallback_below=int8_fallback_below, preprocess=preprocess, classes=class_list, keep_float=keep_float, data=data,
-                        verify_n=verify_n,
+                        ct_dir=ct_dir, ct_csv=ct_csv, verify_n=verify_n,
                         min_agreement=min_agreement, no_verify=no_verify, allow_overlap=allow_overlap,
                         unsafe=unsafe, overwrite=overwrite, threads=threads, command=command, opts=opts,
                         calibrated=CALIBRATED)
@@ -433,7 +544,8 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
              prune: float | None, prune_epochs: int, prune_2x4: bool, prune_lr: float, prune_min_params: int,
              prune_per_class: int | None, prune_cluster: int | None, cluster_epochs: int,
              int8_fallback_below: float | None, preprocess: str | None, classes: list[str] | None,
-             keep_float: str | Sequence[str] | None, data: str | Path | None, verify_n: int | None,
+             keep_float: str | Sequence[str] | None, data: str | Path | None,
+             ct_dir: str | Path | None, ct_csv: str | Path | None, verify_n: int | None,
              min_agreement: float, no_verify: bool, allow_overlap: bool, unsafe: bool, overwrite: bool,
              threads: int | None, command: str,
              opts: dict[str, Any], calibrated: frozenset[str]) -> list[Artifact]:
@@ -443,6 +555,7 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
     src = load_source(model, unsafe=unsafe, preprocess=preprocess, classes=classes, workdir=work)
     original = src.describe()
     dd = _Data(src, data)
+    ct_dir, ct_csv = _fusion_setup(src, dd, ct_dir, ct_csv)
     run_warnings: list[str] = list(src.warnings) + dd.warnings
     tag = ""
     if prune_cluster is not None and prune is None:
@@ -480,7 +593,7 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
         cal = build_calibration(
             src.spec, src.class_names, calib_size, calib_seed, calib_dir=calib,
             data_root=dd.root,
-            split_seed=dd.seed, fractions=dd.fractions, allow_overlap=allow_overlap)
+            split_seed=dd.seed, fractions=dd.fractions, allow_overlap=allow_overlap, ct_dir=ct_dir, ct_csv=ct_csv)
         run_warnings += [w for w in cal.info.get("warnings", []) if "WARNING" in w or "NOT checked" in w]
 
     # ---- pruning (after calibration: a refused calibration set fails before the fine-tuning)

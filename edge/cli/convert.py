@@ -39,6 +39,13 @@ def _command_line() -> str | None:
               help="Proceed (with a loud warning in the manifest) when calibration images are in Testing.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Dataset root (Kaggle layout) when the model card's data root is missing or moved.")
+@click.option("--ct-dir", "--ct", "ct_dir", type=click.Path(path_type=Path), default=None,
+              help="Models trained on fused MRI+CT (--fuse): CT images mirroring the dataset layout (paired by "
+                   "relative path, or by file stem). Calibration and verification use the fused pairs. "
+                   "Default: the CT folder recorded in the model card.")
+@click.option("--ct-csv", "--pairs", "ct_csv", type=click.Path(path_type=Path), default=None,
+              help="Models trained on fused MRI+CT: CSV with 'mri' and 'ct' columns ('mri' relative to the "
+                   "dataset root or absolute; 'ct' relative to --ct-dir, else to the CSV's folder).")
 @click.option("--prune", type=float, default=None, help="Magnitude-prune to this sparsity first (e.g. 0.5).")
 @click.option("--prune-epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs while pruning.")
 @click.option("--prune-2x4", is_flag=True, help="2:4 structured sparsity instead of unstructured.")
@@ -117,6 +124,11 @@ def command(model: Path, targets: str, precisions: str, out: Path, as_json: bool
     Every artifact is verified right after it is written; one below --min-agreement is moved
     to <name>.rejected and the command exits 1. Calibration images that share content with the
     evaluation set (Testing) are refused unless --allow-overlap.
+
+    \b
+    A model trained on fused MRI+CT input (edgebrain train --fuse) is calibrated and verified
+    on fused MRI+CT pairs built as in training: give --ct-dir or --ct-csv (default: the CT source
+    in its model card); MRI images without a CT partner are skipped and counted.
 
     \b
     Examples:
