@@ -7,7 +7,8 @@ source model, tool versions and the command line). Every artifact is verified ri
 it is written: the validation split (or ``verify_n`` images of it) runs through the
 artifact's edge runner and through the source model; an artifact whose top-1 agreement is
 below ``min_agreement`` is moved aside to ``<name>.rejected`` (its manifest says so, and
-``load_manifest`` refuses it) and the command fails.
+``load_manifest`` refuses it) and the command fails. A model trained on fused MRI+CT input is
+calibrated, verified and pruned on fused pairs (``ct_dir`` / ``ct_csv``, default the model card's).
 
 Folders are built under temporary names and renamed when complete (edgebrain.io.atomic_dir):
 a killed conversion never leaves a folder that looks like a finished artifact.

@@ -283,7 +283,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         extra["fusion"] = {**pre_extra["fusion"], **pairing.describe(),
                            "honoured_by": ["edgebrain train (evaluate_model)", "edgebrain.train.load_split",
                                            "edgebrain.fusion.load_fused (Predictor inputs)",
-                                           "edgebrain predict / bench (--ct-dir / --ct-csv)"]}
+                                           "edgebrain predict / bench (--ct-dir / --ct-csv)",
+                                           "edgebrain convert (calibration, verification, pruning)"]}
     if is_sr:
         extra["sr"] = sr_info
         extra["pipeline"] = metrics["sr_pipeline"].pop("pipeline")
