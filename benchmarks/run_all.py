@@ -41,6 +41,16 @@ def steps(data: str) -> list[list[str]]:
     ]
 
 
+def _demote(lines: list[str]) -> list[str]:
+    """Markdown headings one level down; lines inside ``` code blocks are left alone."""
+    out, code = [], False
+    for ln in lines:
+        if ln.lstrip().startswith("```"):
+            code = not code
+        out.append("#" + ln if ln.startswith("#") and not code else ln)
+    return out
+
+
 def collect() -> None:
     out = ROOT / "BENCHMARKS.md"
     head = out.read_text().split(MARK)[0].rstrip() + "\n\n" if out.exists() else "# Benchmarks\n\n"
@@ -49,7 +59,7 @@ def collect() -> None:
     for f in files:
         text = f.read_text().strip()
         # demote headings one level so the sections nest under BENCHMARKS.md's title
-        text = "\n".join("#" + ln if ln.startswith("#") else ln for ln in text.splitlines())
+        text = "\n".join(_demote(text.splitlines()))
         parts.append(f"\n{text}\n\n<sub>source: benchmarks/results/{f.name}</sub>\n")
     from edgebrain.io import atomic_write_text
 
