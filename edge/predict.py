@@ -258,9 +258,7 @@ class Predictor:
 
     def infer(self, rgb: np.ndarray) -> np.ndarray:
         """uint8 RGB batch at the model size -> probabilities (N, classes)."""
-        probs = np.asarray(self.runner.run(self.preprocess(rgb)), np.float32)
-        self._check_classes(probs)
-        return probs
+        return self._infer(self.preprocess(rgb))
 
     def _check_classes(self, probs: np.ndarray) -> None:
         n = int(probs.shape[-1])
@@ -269,6 +267,11 @@ class Predictor:
         elif len(self._class_names) != n:
             raise ModelError(f"{self.artifact.path}: the model has {n} outputs but the manifest lists "
                              f"{len(self._class_names)} class names")
+
+    def _infer(self, inp: np.ndarray) -> np.ndarray:
+        probs = np.asarray(self.runner.run(inp), np.float32)
+        self._check_classes(probs)
+        return probs
 
     # -------------------------------------------------------------- public API
 
@@ -279,9 +282,8 @@ class Predictor:
         t1 = time.perf_counter()
         inp = self.preprocess(rgb)
         t2 = time.perf_counter()
-        probs = np.asarray(self.runner.run(inp), np.float32)
+        probs = self._infer(inp)
         t3 = time.perf_counter()
-        self._check_classes(probs)
         if isinstance(x, (str, Path)):
             name = name or str(x)
         return self._make(probs[0], top_k, name, (t3 - t0) * 1e3,
@@ -310,9 +312,8 @@ class Predictor:
         t2 = time.perf_counter()
         inp = self.preprocess(rgb)
         t3 = time.perf_counter()
-        probs = np.asarray(self.runner.run(inp), np.float32)
+        probs = self._infer(inp)
         t4 = time.perf_counter()
-        self._check_classes(probs)
         pred = self._make(probs[0], top_k, label, (t4 - t0) * 1e3,
                           {"decode": (t1 - t0) * 1e3, "fuse": (t2 - t1) * 1e3, "preprocess": (t3 - t2) * 1e3,
                            "infer": (t4 - t3) * 1e3}, (int(m.shape[0]), int(m.shape[1])))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path as _Path
 from typing import Any
 
 import click
@@ -59,6 +60,20 @@ def main(argv: list[str] | None = None) -> Any:
     except EdgebrainError as exc:  # pragma: no cover - standalone_mode handles most
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+
+
+def ct_options(mri_layout: str, mri_root: str, extra: str = "") -> Any:
+    """``--ct-dir/--ct`` and ``--ct-csv/--pairs`` for models trained on fused MRI+CT (``--fuse``).
+    ``mri_layout``: what the CT folder mirrors; ``mri_root``: what CSV 'mri' paths are relative to."""
+
+    def deco(f: Any) -> Any:
+        f = click.option("--ct-csv", "--pairs", "ct_csv", type=click.Path(path_type=_Path), default=None,
+                         help=f"Models trained on fused MRI+CT: CSV with 'mri' and 'ct' columns ('mri' relative "
+                              f"to {mri_root} or absolute; 'ct' relative to --ct-dir, else to the CSV's folder).")(f)
+        return click.option("--ct-dir", "--ct", "ct_dir", type=click.Path(path_type=_Path), default=None,
+                            help=f"Models trained on fused MRI+CT (--fuse): CT images mirroring {mri_layout} "
+                                 f"(paired by relative path, or by file stem).{extra}")(f)
+    return deco
 
 
 def fail(exc: Exception, code: int = 2) -> None:

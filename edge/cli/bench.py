@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from ..errors import EdgebrainError
+from . import ct_options
 
 
 def _cpus(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -72,12 +73,7 @@ def _cpus(ctx: click.Context, param: click.Parameter, value: str | None) -> list
 @click.option("--keep-remote", is_flag=True, help="Leave the working folder on the device.")
 @click.option("--unsafe", is_flag=True, help="Allow Keras Lambda layers in the reference (trusted files only).")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
-@click.option("--ct-dir", "--ct", "ct_dir", type=click.Path(path_type=Path), default=None,
-              help="Models trained on fused MRI+CT (--fuse): CT images mirroring the --data layout (paired by "
-                   "relative path, or by file stem).")
-@click.option("--ct-csv", "--pairs", "ct_csv", type=click.Path(path_type=Path), default=None,
-              help="Models trained on fused MRI+CT: CSV with 'mri' and 'ct' columns ('mri' relative to --data "
-                   "or absolute; 'ct' relative to --ct-dir, else to the CSV's folder).")
+@ct_options("the --data layout", "--data")
 def command(artifacts: tuple[Path, ...], data_dir: Path, devices: tuple[str, ...], reference: Path | None,
             no_reference: bool, out: Path, overwrite: bool, eval_list: Path | None, split: str,
             per_class: int | None, seed: int, preprocess: str | None, classes: str | None, input_size: int | None,

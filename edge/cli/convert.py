@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from ..errors import EdgebrainError
+from . import ct_options
 
 
 def _command_line() -> str | None:
@@ -39,13 +40,8 @@ def _command_line() -> str | None:
               help="Proceed (with a loud warning in the manifest) when calibration images are in Testing.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Dataset root (Kaggle layout) when the model card's data root is missing or moved.")
-@click.option("--ct-dir", "--ct", "ct_dir", type=click.Path(path_type=Path), default=None,
-              help="Models trained on fused MRI+CT (--fuse): CT images mirroring the dataset layout (paired by "
-                   "relative path, or by file stem). Calibration and verification use the fused pairs. "
-                   "Default: the CT folder recorded in the model card.")
-@click.option("--ct-csv", "--pairs", "ct_csv", type=click.Path(path_type=Path), default=None,
-              help="Models trained on fused MRI+CT: CSV with 'mri' and 'ct' columns ('mri' relative to the "
-                   "dataset root or absolute; 'ct' relative to --ct-dir, else to the CSV's folder).")
+@ct_options("the dataset layout", "the dataset root", " Calibration and verification use the "
+            "fused pairs. Default: the CT folder recorded in the model card.")
 @click.option("--prune", type=float, default=None, help="Magnitude-prune to this sparsity first (e.g. 0.5).")
 @click.option("--prune-epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs while pruning.")
 @click.option("--prune-2x4", is_flag=True, help="2:4 structured sparsity instead of unstructured.")

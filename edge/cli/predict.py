@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from ..errors import EdgebrainError
+from . import ct_options
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -77,12 +78,7 @@ def _load_reference(path: Path, threads: int | None, want_size: tuple[int, int])
 @click.option("--explain-reference", type=click.Path(path_type=Path), default=None,
               help="FP32 model to compare maps with: an artifact folder, or a .keras model (full install; "
                    "adds Grad-CAM). Reports the saliency drift and box IoU.")
-@click.option("--ct-dir", "--ct", "ct_dir", type=click.Path(path_type=Path), default=None,
-              help="Models trained on fused MRI+CT (--fuse): CT images mirroring the MRI files (paired by "
-                   "path relative to IMAGE_OR_DIR, or by file stem).")
-@click.option("--ct-csv", "--pairs", "ct_csv", type=click.Path(path_type=Path), default=None,
-              help="Models trained on fused MRI+CT: CSV with 'mri' and 'ct' columns ('mri' relative to the "
-                   "IMAGE_OR_DIR folder or absolute; 'ct' relative to --ct-dir, else to the CSV's folder).")
+@ct_options("the MRI files", "the IMAGE_OR_DIR folder")
 def command(artifact: Path, images: tuple[Path, ...], as_json: bool, top_k: int, threads: int | None,
             no_recursive: bool, explain_dir: Path | None, explain_budget_s: float, explain_patch: float,
             explain_reference: Path | None, ct_dir: Path | None, ct_csv: Path | None) -> None:
