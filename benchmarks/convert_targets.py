@@ -345,6 +345,7 @@ def _row(f: Path, total: int, by: dict[str, int], w: np.ndarray) -> str:
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "tflite per-tensor weights": ("tflite", {"tflite_per_channel": False}),
+    "tflite per-channel weights": ("tflite", {"tflite_per_channel": True}),
     "tflite float head": ("tflite", {"float_head": True}),
     "onnx per-tensor weights": ("onnx", {"onnx_per_channel": False}),
     "onnx calib percentile": ("onnx", {"calib_method": "percentile"}),
@@ -352,6 +353,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "onnx float head": ("onnx", {"float_head": True}),
     "openvino preset mixed": ("openvino", {"nncf_preset": "mixed"}),
     "openvino float head": ("openvino", {"float_head": True}),
+    "openvino NNCF mean-min/max ranges, fast bias correction (NNCF's own defaults)": (
+        "openvino", {"nncf_activation_range": "mean_minmax", "nncf_fast_bias_correction": True}),
     "openvino accuracy control (agreement, max-drop 0.003)": ("openvino", {"max_drop": 0.003,
                                                                            "max_drop_metric": "agreement"}),
 }

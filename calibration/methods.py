@@ -25,7 +25,7 @@ METHODS: dict[str, dict[str, str]] = {
         "percentile": "Percentile",
         "distribution": "Distribution",
     },
-    "nncf": {"minmax": "min/max statistics + fast bias correction (nncf.quantize)"},
+    "nncf": {"minmax": "min/max statistics + bias correction (nncf.quantize; see --nncf-activation-range)"},
 }
 
 DEFAULT_METHOD = "minmax"

@@ -54,6 +54,9 @@ class BuildContext:
     # policy in the model card says "float"), and the stage names they come from
     float_scopes: list[str] = field(default_factory=list)
     float_stages: list[str] = field(default_factory=list)
+    # True when an int8 build is verified on the validation split and replaced by the target's
+    # int8_fallbacks if it agrees too little (so a target may default to a leaner setting)
+    int8_checked: bool = False
 
     def calib(self) -> CalibrationSet:
         if self.calibration is None:
@@ -104,6 +107,10 @@ class Target(ABC):
     @abstractmethod
     def build(self, ctx: BuildContext, precision: str, out: Path) -> Built:
         """Write the artifact's model file(s) for ``precision`` into ``out``."""
+
+    def int8_fallbacks_for(self, ctx: BuildContext) -> list[dict[str, Any]]:
+        """The int8 fallbacks that can differ from the default build for this source."""
+        return list(self.int8_fallbacks)
 
     def count_ops(self, model_file: Path) -> dict[str, Any] | None:
         """{int8_ops, float_ops, float_op_types, ...} from the written model, where countable."""

@@ -22,6 +22,17 @@ FLOAT_TYPES = {"float32", "float16", "float64"}
 QUANT_TYPES = {"int8", "uint8", "int16"}
 
 
+def _depthwise_layers(model: Any) -> int:
+    """Depthwise / separable convolution layers in a Keras model (nested models included)."""
+    n = 0
+    for layer in getattr(model, "layers", []):
+        if type(layer).__name__ in ("DepthwiseConv2D", "SeparableConv2D"):
+            n += 1
+        elif getattr(layer, "layers", None):
+            n += _depthwise_layers(layer)
+    return n
+
+
 def tflite_ops(model: bytes | Path) -> dict[str, Any]:
     """Count the ops of a .tflite model by the dtypes they compute in.
 
@@ -66,15 +77,18 @@ class TFLiteTarget(Target):
     precisions = ("fp32", "fp16", "dynamic", "int8", "int16x8")
     source_formats = ("tf-keras", "keras3")
     not_supported = {"bf16": "TFLite has no bf16 model type"}
-    int8_fallbacks = [{"float_head": True}]
-    options = {"tflite_io": "float", "tflite_float_fallback": True, "tflite_per_channel": True, "float_head": False}
+    int8_fallbacks = [{"tflite_per_channel": True}, {"tflite_per_channel": True, "float_head": True}]
+    options = {"tflite_io": "float", "tflite_float_fallback": True, "tflite_per_channel": "auto", "float_head": False}
     option_help = {
         "tflite_io": "int8 model inputs/outputs: 'float' (QUANTIZE/DEQUANTIZE inside the model) or 'int8' "
                      "(fully integer; the runner quantises the input)",
         "tflite_float_fallback": "if an op has no int8 kernel, keep it in float (listed in the manifest) "
                                  "instead of failing",
-        "tflite_per_channel": "per-channel int8 weight scales (off: one scale per tensor; smaller file, "
-                              "usually less accurate for depthwise convolutions)",
+        "tflite_per_channel": "int8 weight scales: per-channel (True), per-tensor (False: one scale per "
+                              "tensor, a smaller file, usually less accurate for depthwise convolutions), or "
+                              "auto (default): per-tensor for a model without depthwise convolutions when the "
+                              "int8 build is verified on the validation split, with per-channel as its first "
+                              "fallback; per-channel otherwise",
         "float_head": "int8: keep the classifier head (fully-connected layers and softmax) in float; the "
                       "convolutions stay int8 (all targets)",
     }
@@ -83,6 +97,27 @@ class TFLiteTarget(Target):
         if source_format == "onnx" and precision in self.precisions:
             return "an ONNX source converts to the onnx and openvino targets only (no ONNX -> TFLite path)"
         return super().unsupported(precision, source_format)
+
+    @staticmethod
+    def _per_channel(ctx: BuildContext) -> tuple[bool, str]:
+        """(per-channel weight scales?, why) from the tflite_per_channel option."""
+        opt = ctx.options.get("tflite_per_channel", "auto")
+        if isinstance(opt, bool):
+            return opt, "set explicitly"
+        if str(opt).lower() != "auto":
+            raise ConversionError(f"tflite_per_channel must be true, false or auto, got {opt!r}")
+        dw = _depthwise_layers(ctx.source.model) if ctx.source.is_keras else 0
+        if dw:
+            return True, f"auto: per-channel ({dw} depthwise/separable convolution layer(s))"
+        if not ctx.int8_checked:
+            return True, "auto: per-channel (the int8 build is not verified with fallbacks)"
+        return False, ("auto: per-tensor (no depthwise convolution; verified on the validation split, "
+                       "per-channel is the first fallback)")
+
+    def int8_fallbacks_for(self, ctx: BuildContext) -> list[dict[str, Any]]:
+        if ctx.options.get("tflite_per_channel", "auto") == "auto" and not self._per_channel(ctx)[0]:
+            return list(self.int8_fallbacks)
+        return [{"float_head": True}]  # already per-channel (or set by the user)
 
     def build(self, ctx: BuildContext, precision: str, out: Path) -> Built:
         from edgebrain.tfenv import import_tf
@@ -127,10 +162,11 @@ class TFLiteTarget(Target):
             if io == "int8":
                 c.inference_input_type = tf.int8
                 c.inference_output_type = tf.int8
-            per_channel = bool(ctx.options.get("tflite_per_channel", True))
+            per_channel, why = self._per_channel(ctx)
             c._experimental_disable_per_channel = not per_channel
             quant = {"scheme": "full integer",
                      "weights": "int8 " + ("per-channel" if per_channel else "per-tensor") + " (symmetric)",
+                     "weight_scales": why,
                      "activations": "int8 per-tensor (asymmetric)", "io": io, "float_fallback": False}
         elif precision == "int16x8":
             c.optimizations = [tf.lite.Optimize.DEFAULT]

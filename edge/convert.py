@@ -317,7 +317,7 @@ def _int8_fallback(j: _Job, ctx: BuildContext, built: Any, build: Path, work: Pa
     if first >= below:
         return built, build
     best = (first, built, build, "default")
-    for fb in j.target.int8_fallbacks:
+    for fb in j.target.int8_fallbacks_for(ctx):
         label = ", ".join(f"{k}={v}" for k, v in fb.items())
         user_set = [k for k in fb if (ctx.calib_method is not None if k == "calib_method"
                                       else k in ctx.options and ctx.options[k] != j.target.options.get(k))]
@@ -615,7 +615,8 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
     scopes, stages = _float_scopes(src, keep_float)
     ctx = BuildContext(source=src, workdir=work, options=opts, calibration=(lambda: cal) if cal is not None else None,
                        validation=validation if dd.available else None, calib_method=calib_method,
-                       float_scopes=scopes, float_stages=stages)
+                       float_scopes=scopes, float_stages=stages,
+                       int8_checked=not no_verify and bool(int8_fallback_below))
     if scopes:
         _say(f"int8: ops named *{'*, *'.join(scopes)}* stay float ({', '.join(stages)})")
 
@@ -639,7 +640,7 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
         build = Path(tempfile.mkdtemp(prefix=f".{j.dirname}.build-", dir=work))
         try:
             built = j.target.build(ctx, j.precision, build)
-            if j.precision == "int8" and vs is not None and int8_fallback_below and j.target.int8_fallbacks:
+            if j.precision == "int8" and vs is not None and int8_fallback_below and j.target.int8_fallbacks_for(ctx):
                 built, build = _int8_fallback(j, ctx, built, build, work, vs, int8_fallback_below, threads, src)
         except Exception as exc:  # one target failing never stops the others
             msg = str(exc) if isinstance(exc, EdgebrainError) else f"{type(exc).__name__}: {exc}"

@@ -15,8 +15,8 @@ from . import ct_options
 
 
 def _command_line() -> str | None:
-    prog = Path(sys.argv[0]).name if sys.argv else ""
-    if prog in ("edgebrain", "__main__.py"):
+    argv0 = Path(sys.argv[0]) if sys.argv else Path("")
+    if argv0.name == "edgebrain" or (argv0.name == "__main__.py" and argv0.parent.name == "edgebrain"):
         return "edgebrain " + shlex.join(sys.argv[1:])
     return None  # called in-process (tests, notebooks): the API writes the equivalent command
 
@@ -104,7 +104,10 @@ def _command_line() -> str | None:
               help="int8: keep the classifier head (fully-connected layers, softmax) in float; convolutions "
                    "stay int8.")
 @click.option("--nncf-fast-bias-correction/--nncf-bias-correction", default=None,
-              help="NNCF bias correction: fast (default) or the slower, more exact one.")
+              help="NNCF bias correction: the exact one (default) or the fast approximation.")
+@click.option("--nncf-activation-range", type=click.Choice(["minmax", "mean_minmax"]), default=None,
+              help="NNCF activation ranges: minmax (default; extremes over the calibration set) or "
+                   "mean_minmax (NNCF's own default: per-image extremes averaged).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def command(model: Path, targets: str, precisions: str, out: Path, as_json: bool, **kw: Any) -> None:
     """Convert MODEL (a model folder or .keras/.h5/SavedModel from `edgebrain train`, a Keras 3

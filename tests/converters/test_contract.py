@@ -101,6 +101,11 @@ def test_target_contract(converted: dict[str, Any], probe: dict[str, Any], train
     if precision == "int8":
         if target == "tflite":
             assert m["quantization"]["scheme"] == "full integer"
+            # resnet50-lite has depthwise convolutions: per-channel weight scales
+            assert m["quantization"]["weight_scales"].startswith("auto: per-channel (")
+        if target == "openvino":
+            q = m["quantization"]
+            assert (q["activation_range"], q["fast_bias_correction"]) == ("minmax", False)
         assert m["size"]["size_bytes"] < converted["artifacts"][(target, "fp32")].manifest["size"]["size_bytes"]
     if target == "openvino":
         assert m["runtime_options"]["inference_precision"] == {"bf16": "bf16"}.get(precision, "f32")
@@ -126,7 +131,8 @@ def test_options_selective_qdq_entropy_and_accuracy_control(trained_small: Path,
 
     arts = convert(trained_small, "tflite,onnx,openvino", "int8", tmp_path, calib_size=32, verify_n=32,
                    min_agreement=0.7, calib_method="entropy", onnx_format="qdq", onnx_activations="s8",
-                   max_drop=0.02, keep_float="lite_s4_b3_pw", int8_fallback_below=0)
+                   max_drop=0.02, keep_float="lite_s4_b3_pw", int8_fallback_below=0,
+                   nncf_activation_range="mean_minmax")
     by = {a.target: a.manifest for a in arts}
     assert set(by) == {"tflite", "onnx", "openvino"}
     for target, conv in (("tflite", "CONV_2D"), ("onnx", "Conv"), ("openvino", "Convolution")):
@@ -145,4 +151,5 @@ def test_options_selective_qdq_entropy_and_accuracy_control(trained_small: Path,
     ov = by["openvino"]
     assert ov["quantization"]["method"] == "nncf.quantize_with_accuracy_control"
     assert ov["quantization"]["max_drop"] == 0.02 and ov["quantization"]["validation"]["n"] > 0
+    assert ov["quantization"]["activation_range"] == "mean_minmax"
     assert ov["calibration"]["method"] == "minmax"

@@ -1,0 +1,92 @@
+"""TFLite int8 weight scales: per-tensor where it is safe and verified, per-channel otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgebrain.artifact import load_manifest
+from edgebrain.converters.base import BuildContext
+from edgebrain.converters.tflite_target import TFLiteTarget, _depthwise_layers
+
+CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
+
+
+def _keras(depthwise_nested: bool) -> Any:
+    from edgebrain.tfenv import import_tf
+
+    tf = import_tf()
+    k = tf.keras
+    inp = k.Input((32, 32, 3))
+    x = k.layers.Conv2D(8, 3, activation="relu")(inp)
+    if depthwise_nested:  # a depthwise conv inside a nested model, as Keras applications nest backbones
+        sub_in = k.Input(x.shape[1:])
+        sub = k.Model(sub_in, k.layers.DepthwiseConv2D(3)(sub_in))
+        x = sub(x)
+    x = k.layers.GlobalAveragePooling2D()(x)
+    return k.Model(inp, k.layers.Dense(4, activation="softmax")(x))
+
+
+def _ctx(model: Any, checked: bool, opt: Any = "auto") -> BuildContext:
+    src = SimpleNamespace(model=model, is_keras=True)
+    return BuildContext(source=src, workdir=Path("."), options={"tflite_per_channel": opt},  # type: ignore[arg-type]
+                        int8_checked=checked)
+
+
+def test_auto_weight_scales_rule() -> None:
+    t = TFLiteTarget()
+    plain, dw = _keras(False), _keras(True)
+    assert _depthwise_layers(plain) == 0 and _depthwise_layers(dw) == 1
+    per_channel, why = t._per_channel(_ctx(plain, checked=True))
+    assert per_channel is False and why.startswith("auto: per-tensor")
+    # per-channel is the first fallback when the per-tensor build agrees too little
+    assert t.int8_fallbacks_for(_ctx(plain, checked=True))[0] == {"tflite_per_channel": True}
+    # not verified (--no-verify / fallbacks off): the standard per-channel scales
+    assert t._per_channel(_ctx(plain, checked=False))[0] is True
+    # depthwise convolutions lose accuracy with one scale per tensor: always per-channel
+    per_channel, why = t._per_channel(_ctx(dw, checked=True))
+    assert per_channel is True and "depthwise" in why
+    assert t.int8_fallbacks_for(_ctx(dw, checked=True)) == [{"float_head": True}]
+    # the user's choice stands
+    assert t._per_channel(_ctx(dw, checked=True, opt=False)) == (False, "set explicitly")
+    assert t.int8_fallbacks_for(_ctx(plain, checked=True, opt=True)) == [{"float_head": True}]
+
+
+def _conv_scales(model_file: Path) -> list[int]:
+    """Number of quantisation scales of every CONV_2D weight tensor in a .tflite file."""
+    from tensorflow.lite.python import schema_py_generated as fb
+
+    m = fb.ModelT.InitFromObj(fb.Model.GetRootAsModel(model_file.read_bytes(), 0))
+    conv = fb.BuiltinOperator.CONV_2D
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in m.operatorCodes]
+    g = m.subgraphs[0]
+    return [len(g.tensors[op.inputs[1]].quantization.scale) for op in g.operators if codes[op.opcodeIndex] == conv]
+
+
+@pytest.mark.slow
+def test_per_tensor_default_for_plain_convs(data_dir: Path, tmp_path: Path, cache_env: Path) -> None:
+    """A model without depthwise convolutions gets one weight scale per tensor (a smaller file);
+    --tflite-per-channel gives one per output channel."""
+    from edgebrain.convert import convert
+    from edgebrain.modelcard import ModelCard
+    from edgebrain.preprocess import PreprocessSpec
+
+    src = tmp_path / "plain"
+    src.mkdir()
+    _keras(False).save(src / "model.keras")
+    ModelCard("custom", CLASSES, PreprocessSpec.named("rescale", 32), [32, 32, 3],
+              data={"root": str(data_dir), "split_seed": 42}).save(src)
+    common: dict[str, Any] = dict(calib_size=16, verify_n=16, min_agreement=0.01, int8_fallback_below=0.01)
+    auto = convert(src, "tflite", "int8", tmp_path / "auto", **common)[0]
+    pc = convert(src, "tflite", "int8", tmp_path / "pc", tflite_per_channel=True, **common)[0]
+    qa, qp = load_manifest(auto.path).manifest["quantization"], load_manifest(pc.path).manifest["quantization"]
+    assert qa["weight_scales"].startswith("auto: per-tensor") and "per-tensor" in qa["weights"]
+    assert qp["weight_scales"] == "set explicitly" and "per-channel" in qp["weights"]
+    assert _conv_scales(auto.model_file) == [1]
+    assert _conv_scales(pc.model_file) == [8]
+    assert auto.model_file.stat().st_size < pc.model_file.stat().st_size
+    assert np.isfinite(load_manifest(auto.path).manifest["verification"]["top1_agreement"])
