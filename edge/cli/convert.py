@@ -78,7 +78,8 @@ def _command_line() -> str | None:
 @click.option("--tflite-float-fallback/--no-tflite-float-fallback", default=None,
               help="Keep ops without int8 kernels in float (listed in the manifest) instead of failing (default on).")
 @click.option("--tflite-per-channel/--tflite-per-tensor", default=None,
-              help="TFLite int8 weight scales (default per-channel).")
+              help="TFLite int8 weight scales (default auto: per-tensor for models without depthwise "
+                   "convolutions when verified, per-channel as its fallback; per-channel otherwise).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (>= 13, default 17).")
 @click.option("--onnx-format", type=click.Choice(["qoperator", "qdq"]), default=None,
               help="ONNX int8 form (default qoperator).")
