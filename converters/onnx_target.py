@@ -17,6 +17,7 @@ where U8S8 can saturate.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -204,22 +205,62 @@ class ONNXTarget(Target):
                                   "model card); cannot keep them float")
         cm = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}[method]
+        histogram: dict[str, int] | None = None
+        cache: Path | None = None
         try:
+            if method == "entropy":
+                # quantize_static builds its entropy calibrator with 128 histogram bins and 128
+                # quantised bins: the KL search then has a single candidate, the full range, so
+                # "entropy" silently equals min/max. Collect the ranges with the library's own
+                # calibrator at the usual 2048 bins and hand them over as a calibration cache.
+                histogram = dict(ENTROPY_BINS)
+                cache = _entropy_cache(pre, Reader(), ctx.workdir, histogram)
             quantize_static(str(pre), str(dst), Reader(), quant_format=formats[fmt], per_channel=per_channel,
                             reduce_range=reduce_range, activation_type=types[act], weight_type=types[wt],
-                            calibrate_method=cm, nodes_to_exclude=exclude or None)
+                            calibrate_method=cm, nodes_to_exclude=exclude or None,
+                            **({"calibration_cache_path": str(cache)} if cache else {}))
         except Exception as exc:
             raise ConversionError(f"{export}: onnxruntime static quantisation failed "
                                   f"({type(exc).__name__}: {exc})") from exc
+        finally:
+            if cache is not None:
+                cache.unlink(missing_ok=True)
         quant = {"scheme": "static", "format": fmt, "activations": f"{act} per-tensor", "weights": wt,
                  "per_channel": per_channel, "reduce_range": reduce_range,
                  "tool": "onnxruntime.quantization.quantize_static", "preprocess": "quant_pre_process",
                  "float_head": float_head, "nodes_excluded": exclude,
                  "float_stages": list(ctx.float_stages), "float_scopes": list(ctx.float_scopes)}
+        if histogram:
+            quant["entropy_histogram"] = histogram
         return quant, cs.manifest(method, "onnxruntime"), warnings
 
     def count_ops(self, model_file: Path) -> dict[str, Any] | None:
         return onnx_ops(model_file)
+
+
+# Histogram for entropy (KL) calibration: 2048 bins over the observed range, thresholds searched
+# in steps of 128 quantised bins (the TensorRT recipe that ORT's calibrator implements).
+ENTROPY_BINS = {"num_bins": 2048, "num_quantized_bins": 128}
+
+
+def _entropy_cache(model: Path, reader: Any, workdir: Path, bins: dict[str, int]) -> Path:
+    """Activation ranges by ORT's entropy calibrator with ``bins``, saved as a calibration cache
+    that ``quantize_static(calibration_cache_path=...)`` reads."""
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    tmp = Path(tempfile.mkdtemp(prefix="ort-entropy-", dir=workdir))
+    try:
+        calibrator = create_calibrator(model, None, augmented_model_path=str(tmp / "augmented.onnx"),
+                                       calibrate_method=CalibrationMethod.Entropy, extra_options=dict(bins))
+        calibrator.collect_data(reader)
+        ranges = calibrator.compute_data()
+        del calibrator
+        cache = Path(workdir) / f"{model.stem}.entropy-ranges.json"
+        save_tensors_data(ranges, cache)
+        return cache
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 register(ONNXTarget())

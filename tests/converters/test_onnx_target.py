@@ -1,0 +1,64 @@
+"""ONNX int8: the calibration method asked for is the one applied."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgebrain.artifact import load_manifest
+from edgebrain.converters.onnx_target import ENTROPY_BINS
+
+CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
+
+
+def _activation_scales(model_file: Path) -> dict[str, float]:
+    """Every scalar scale initializer of a QOperator model (activation scales; per-channel
+    weight scales are vectors)."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(model_file)).graph
+    out = {}
+    for init in g.initializer:
+        a = numpy_helper.to_array(init)
+        if init.name.endswith("_scale") and a.size == 1:
+            out[init.name] = float(a)
+    return out
+
+
+@pytest.mark.slow
+def test_entropy_calibration_is_not_min_max(data_dir: Path, tmp_path: Path, cache_env: Path) -> None:
+    """quantize_static alone builds its entropy calibrator with 128 bins, which leaves the full
+    range as the only candidate (entropy == min/max). The ONNX target must really search."""
+    from edgebrain.convert import convert
+    from edgebrain.modelcard import ModelCard
+    from edgebrain.preprocess import PreprocessSpec
+    from edgebrain.tfenv import import_tf
+
+    k = import_tf().keras
+    inp = k.Input((32, 32, 3))
+    x = k.layers.Conv2D(8, 3, activation="relu")(inp)
+    x = k.layers.Conv2D(8, 3, activation="relu")(x)
+    x = k.layers.GlobalAveragePooling2D()(x)
+    src = tmp_path / "m"
+    src.mkdir()
+    k.Model(inp, k.layers.Dense(4, activation="softmax")(x)).save(src / "model.keras")
+    ModelCard("custom", CLASSES, PreprocessSpec.named("rescale", 32), [32, 32, 3],
+              data={"root": str(data_dir), "split_seed": 42}).save(src)
+    common: dict[str, Any] = dict(calib_size=32, verify_n=16, min_agreement=0.01, int8_fallback_below=None)
+    mm = convert(src, "onnx", "int8", tmp_path / "mm", calib_method="minmax", **common)[0]
+    en = convert(src, "onnx", "int8", tmp_path / "en", calib_method="entropy", **common)[0]
+    q = load_manifest(en.path).manifest
+    assert q["calibration"]["method"] == "entropy"
+    assert q["quantization"]["entropy_histogram"] == ENTROPY_BINS
+    assert "entropy_histogram" not in load_manifest(mm.path).manifest["quantization"]
+    s_mm, s_en = _activation_scales(mm.model_file), _activation_scales(en.model_file)
+    common_names = sorted(set(s_mm) & set(s_en))
+    assert len(common_names) >= 3
+    # KL thresholds clip the long tail: never a wider range than min/max, narrower somewhere
+    assert all(s_en[n] <= s_mm[n] * (1 + 1e-6) for n in common_names)
+    assert any(s_en[n] < s_mm[n] * 0.99 for n in common_names)
+    assert np.isfinite(q["verification"]["top1_agreement"])
