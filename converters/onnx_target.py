@@ -32,6 +32,8 @@ MODEL_FILE = "model.onnx"
 BOUNDARY = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 INTEGER_OPS = {"ConvInteger", "MatMulInteger", "QGemm", "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
 HEAD_OPS = {"MatMul", "Gemm", "Softmax"}  # the classifier head, kept float with float_head
+# ops between the last classifier layer and the output, kept float with float_logits
+LOGITS_OPS = {"MatMul", "Gemm", "Add", "Softmax", "Sigmoid", "Identity", "Reshape", "Squeeze", "Flatten"}
 LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Shape", "Gather",
               "Concat", "Slice"}
 
@@ -95,6 +97,7 @@ class ONNXTarget(Target):
         "onnx_per_channel": True,
         "onnx_reduce_range": False,
         "float_head": False,
+        "float_logits": True,
     }
     option_help = {
         "opset": f"ONNX opset of the export (>= {MIN_OPSET})",
@@ -103,6 +106,8 @@ class ONNXTarget(Target):
         "onnx_weights": "int8 weight type: s8 or u8",
         "onnx_per_channel": "per-channel weight scales",
         "onnx_reduce_range": "7-bit weights (for x86 CPUs without VNNI, where U8S8 can saturate)",
+        "float_logits": "int8: keep the last classifier layer (logits, softmax) in float, so close class scores "
+                        "are not rounded onto one 8-bit step (default on; costs classes x features x 3 bytes)",
     }
 
     def build(self, ctx: BuildContext, precision: str, out: Path) -> Built:
@@ -200,6 +205,9 @@ class ONNXTarget(Target):
         float_head = bool(o.get("float_head", False))
         exclude = [n.name for n in g.node
                    if (float_head and n.op_type in HEAD_OPS) or any(sc in n.name for sc in ctx.float_scopes)]
+        float_logits = bool(o.get("float_logits", True))
+        logits = _logits_nodes(g) if float_logits else []
+        exclude += [n for n in logits if n not in exclude]
         if ctx.float_scopes and not any(sc in n.name for n in g.node for sc in ctx.float_scopes):
             raise ConversionError(f"onnx: no node name contains {ctx.float_scopes} (the float stages of the "
                                   "model card); cannot keep them float")
@@ -228,7 +236,7 @@ class ONNXTarget(Target):
         quant = {"scheme": "static", "format": fmt, "activations": f"{act} per-tensor", "weights": wt,
                  "per_channel": per_channel, "reduce_range": reduce_range,
                  "tool": "onnxruntime.quantization.quantize_static", "preprocess": "quant_pre_process",
-                 "float_head": float_head, "nodes_excluded": exclude,
+                 "float_head": float_head, "float_logits": bool(logits), "nodes_excluded": exclude,
                  "float_stages": list(ctx.float_stages), "float_scopes": list(ctx.float_scopes)}
         if histogram:
             quant["entropy_histogram"] = histogram
@@ -236,6 +244,24 @@ class ONNXTarget(Target):
 
     def count_ops(self, model_file: Path) -> dict[str, Any] | None:
         return onnx_ops(model_file)
+
+
+def _logits_nodes(g: Any) -> list[str]:
+    """The final classifier layer: the nodes from the graph output back through the softmax, bias
+    and layout ops to (and including) the last MatMul/Gemm; none if the output is not such a layer."""
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {i.name for i in g.initializer}
+    out: list[str] = []
+    t = g.output[0].name
+    while t in producer:
+        n = producer[t]
+        if n.op_type not in LOGITS_OPS:
+            return []
+        out.append(n.name)
+        if n.op_type in {"MatMul", "Gemm"}:
+            return out
+        t = next((i for i in n.input if i in producer and i not in inits), "")
+    return []
 
 
 # Histogram for entropy (KL) calibration: 2048 bins over the observed range, thresholds searched

@@ -29,11 +29,7 @@ def _activation_scales(model_file: Path) -> dict[str, float]:
     return out
 
 
-@pytest.mark.slow
-def test_entropy_calibration_is_not_min_max(data_dir: Path, tmp_path: Path, cache_env: Path) -> None:
-    """quantize_static alone builds its entropy calibrator with 128 bins, which leaves the full
-    range as the only candidate (entropy == min/max). The ONNX target must really search."""
-    from edgebrain.convert import convert
+def _tiny(tmp_path: Path, data_dir: Path, dense_head: bool = False) -> Path:
     from edgebrain.modelcard import ModelCard
     from edgebrain.preprocess import PreprocessSpec
     from edgebrain.tfenv import import_tf
@@ -43,11 +39,23 @@ def test_entropy_calibration_is_not_min_max(data_dir: Path, tmp_path: Path, cach
     x = k.layers.Conv2D(8, 3, activation="relu")(inp)
     x = k.layers.Conv2D(8, 3, activation="relu")(x)
     x = k.layers.GlobalAveragePooling2D()(x)
-    src = tmp_path / "m"
+    if dense_head:
+        x = k.layers.Dense(16, activation="relu", name="hidden")(x)
+    src = tmp_path / ("m-dense" if dense_head else "m")
     src.mkdir()
-    k.Model(inp, k.layers.Dense(4, activation="softmax")(x)).save(src / "model.keras")
+    k.Model(inp, k.layers.Dense(4, activation="softmax", name="predictions")(x)).save(src / "model.keras")
     ModelCard("custom", CLASSES, PreprocessSpec.named("rescale", 32), [32, 32, 3],
               data={"root": str(data_dir), "split_seed": 42}).save(src)
+    return src
+
+
+@pytest.mark.slow
+def test_entropy_calibration_is_not_min_max(data_dir: Path, tmp_path: Path, cache_env: Path) -> None:
+    """quantize_static alone builds its entropy calibrator with 128 bins, which leaves the full
+    range as the only candidate (entropy == min/max). The ONNX target must really search."""
+    from edgebrain.convert import convert
+
+    src = _tiny(tmp_path, data_dir)
     common: dict[str, Any] = dict(calib_size=32, verify_n=16, min_agreement=0.01, int8_fallback_below=None)
     mm = convert(src, "onnx", "int8", tmp_path / "mm", calib_method="minmax", **common)[0]
     en = convert(src, "onnx", "int8", tmp_path / "en", calib_method="entropy", **common)[0]
@@ -62,3 +70,32 @@ def test_entropy_calibration_is_not_min_max(data_dir: Path, tmp_path: Path, cach
     assert all(s_en[n] <= s_mm[n] * (1 + 1e-6) for n in common_names)
     assert any(s_en[n] < s_mm[n] * 0.99 for n in common_names)
     assert np.isfinite(q["verification"]["top1_agreement"])
+
+
+def _op_types(model_file: Path) -> dict[str, str]:
+    import onnx
+
+    return {n.name: n.op_type for n in onnx.load(str(model_file)).graph.node}
+
+
+@pytest.mark.slow
+def test_float_logits_default(data_dir: Path, tmp_path: Path, cache_env: Path) -> None:
+    """By default the last classifier layer (and only it) stays float; --onnx-int8-logits
+    quantises it too."""
+    from edgebrain.convert import convert
+
+    src = _tiny(tmp_path, data_dir, dense_head=True)
+    common: dict[str, Any] = dict(calib_size=16, verify_n=16, min_agreement=0.01, int8_fallback_below=None)
+    fl = convert(src, "onnx", "int8", tmp_path / "fl", **common)[0]
+    q8 = convert(src, "onnx", "int8", tmp_path / "q8", float_logits=False, **common)[0]
+    mf, m8 = load_manifest(fl.path).manifest, load_manifest(q8.path).manifest
+    assert mf["quantization"]["float_logits"] is True and m8["quantization"]["float_logits"] is False
+    ops_f, ops_8 = _op_types(fl.model_file), _op_types(q8.model_file)
+    last = mf["quantization"]["nodes_excluded"]
+    assert any("predictions" in n and ops_f[n] in ("MatMul", "Gemm") for n in last)
+    # the hidden dense layer before it and every convolution stay int8
+    assert "QLinearConv" in ops_f.values() and "MatMul" not in [ops_f[n] for n in ops_f if "hidden" in n]
+    assert sum(t in ("MatMul", "Gemm") for t in ops_f.values()) == 1
+    assert not any(t in ("MatMul", "Gemm") for t in ops_8.values())
+    assert m8["quantization"]["nodes_excluded"] == []
+    assert m8["ops"]["int8_ops"] - mf["ops"]["int8_ops"] == 2  # QLinearMatMul + QLinearAdd (its bias)
