@@ -106,8 +106,9 @@ class ONNXTarget(Target):
         "onnx_weights": "int8 weight type: s8 or u8",
         "onnx_per_channel": "per-channel weight scales",
         "onnx_reduce_range": "7-bit weights (for x86 CPUs without VNNI, where U8S8 can saturate)",
-        "float_logits": "int8: keep the last classifier layer (logits, softmax) in float, so close class scores "
-                        "are not rounded onto one 8-bit step (default on; costs classes x features x 3 bytes)",
+        "float_logits": "int8 (ONNX, TFLite): keep the last classifier layer (logits, softmax) in float, so "
+                        "close class scores are not rounded onto one 8-bit step (default on; costs classes x "
+                        "features x 3 bytes)",
     }
 
     def build(self, ctx: BuildContext, precision: str, out: Path) -> Built:

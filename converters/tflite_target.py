@@ -78,7 +78,8 @@ class TFLiteTarget(Target):
     source_formats = ("tf-keras", "keras3")
     not_supported = {"bf16": "TFLite has no bf16 model type"}
     int8_fallbacks = [{"tflite_per_channel": True}, {"tflite_per_channel": True, "float_head": True}]
-    options = {"tflite_io": "float", "tflite_float_fallback": True, "tflite_per_channel": "auto", "float_head": False}
+    options = {"tflite_io": "float", "tflite_float_fallback": True, "tflite_per_channel": "auto", "float_head": False,
+               "float_logits": True}
     option_help = {
         "tflite_io": "int8 model inputs/outputs: 'float' (QUANTIZE/DEQUANTIZE inside the model) or 'int8' "
                      "(fully integer; the runner quantises the input)",
@@ -179,20 +180,30 @@ class TFLiteTarget(Target):
             raise ConversionError(f"tflite: unsupported precision {precision}")
 
         float_head = bool(ctx.options.get("float_head", False)) and precision == "int8"
+        # the last classifier layer stays float (default): not with int8 model I/O or a float head
+        float_logits = (bool(ctx.options.get("float_logits", True)) and precision == "int8" and not float_head
+                        and str(ctx.options.get("tflite_io", "float")).lower() == "float")
         scopes = list(ctx.float_scopes) if precision == "int8" else []
         if ctx.float_scopes and precision != "int8":
             warnings.append(f"float stages {ctx.float_stages} are kept float for int8 only; {precision} "
                             "quantises them")
         try:
-            if float_head or scopes:
-                blob = self._selective(tf, c, float_head, scopes)
+            if float_head or float_logits or scopes:
+                blob, logits_nodes = self._selective(tf, c, float_head, scopes, float_logits)
+                float_logits = bool(logits_nodes)  # False when the model does not end in a dense layer
                 assert quant is not None
                 kept = (["the classifier head (FULLY_CONNECTED, SOFTMAX)"] if float_head else []) + (
+                    ["the last classifier layer (FULLY_CONNECTED, SOFTMAX)"] if float_logits else []) + (
                     [f"ops named *{'*, *'.join(scopes)}*"] if scopes else [])
-                quant.update({"float_head": float_head, "io": "float", "float_stages": list(ctx.float_stages),
-                              "float_scopes": scopes, "scheme": f"full integer except {' and '.join(kept)} (float)"})
+                quant.update({"float_head": float_head, "float_logits": float_logits,
+                              "float_logits_nodes": logits_nodes, "io": "float",
+                              "float_stages": list(ctx.float_stages), "float_scopes": scopes,
+                              "scheme": f"full integer except {' and '.join(kept)} (float)" if kept
+                              else "full integer"})
             else:
                 blob = c.convert()
+                if quant is not None and precision == "int8":
+                    quant["float_logits"] = False
         except ConversionError:
             raise
         except Exception as exc:
@@ -218,28 +229,37 @@ class TFLiteTarget(Target):
                      warnings=warnings, files=[MODEL_FILE])
 
     @staticmethod
-    def _selective(tf: Any, c: Any, float_head: bool, scopes: list[str]) -> bytes:
+    def _selective(tf: Any, c: Any, float_head: bool, scopes: list[str],
+                   float_logits: bool = False) -> tuple[bytes, list[str]]:
         """Selective quantisation (``QuantizationDebugger`` with ``denylisted_ops`` /
-        ``denylisted_nodes``): the classifier head (fully-connected layers, softmax) and/or the ops
-        whose names contain one of ``scopes`` stay float, everything else is int8."""
+        ``denylisted_nodes``): the classifier head (fully-connected layers, softmax), or only its
+        last layer, and/or the ops whose names contain one of ``scopes`` stay float, everything else
+        is int8. Returns the model and the nodes kept float for ``float_logits``."""
         c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
         c.inference_input_type = tf.float32
         c.inference_output_type = tf.float32
         rep = c.representative_dataset
         nodes: list[str] = []
-        if scopes:
+        logits: list[str] = []
+        if scopes or float_logits:
             from edgebrain.sr import quantizable_nodes
 
-            nodes = [n for n in quantizable_nodes(c, rep) if any(s in n for s in scopes)]
+            listed = quantizable_nodes(c, rep, op_types=True)
+        if scopes:
+            nodes = [n for _, n in listed if any(s in n for s in scopes)]
             if not nodes:
                 raise ConversionError(f"tflite: no quantisable op name contains {scopes} (the float stages of "
                                       "the model card); cannot keep them float")
+        if float_logits:  # the last FULLY_CONNECTED and what follows it (softmax)
+            fc = [i for i, (op, _) in enumerate(listed) if op == "FULLY_CONNECTED"]
+            logits = [n for _, n in listed[fc[-1]:] if n not in nodes] if fc else []
+            nodes += logits
         dbg = tf.lite.experimental.QuantizationDebugger(
             converter=c, debug_dataset=rep,
             debug_options=tf.lite.experimental.QuantizationDebugOptions(
                 denylisted_ops=["FULLY_CONNECTED", "SOFTMAX"] if float_head else None,
                 denylisted_nodes=nodes or None))
-        return bytes(dbg.get_nondebug_quantized_model())
+        return bytes(dbg.get_nondebug_quantized_model()), logits
 
     def count_ops(self, model_file: Path) -> dict[str, Any] | None:
         return tflite_ops(model_file)

@@ -691,8 +691,9 @@ def tflite_int8(model: Any, calib: np.ndarray, denylist_prefixes: Sequence[str] 
     return bytes(dbg.get_nondebug_quantized_model())
 
 
-def quantizable_nodes(converter: Any, rep: Any) -> list[str]:
-    """Names of the nodes TFLite quantises (from the QuantizationDebugger's layer dump)."""
+def quantizable_nodes(converter: Any, rep: Any, op_types: bool = False) -> list[Any]:
+    """Names of the nodes TFLite quantises (from the QuantizationDebugger's layer dump), in graph
+    order; with ``op_types``, ``(op type, name)`` pairs."""
     import csv
     import io
 
@@ -711,7 +712,8 @@ def quantizable_nodes(converter: Any, rep: Any) -> list[str]:
     buf = io.StringIO()
     dbg.layer_statistics_dump(buf)
     buf.seek(0)
-    return [row["tensor_name"] for row in csv.DictReader(buf)]
+    rows = list(csv.DictReader(buf))
+    return [(r["op_name"], r["tensor_name"]) for r in rows] if op_types else [r["tensor_name"] for r in rows]
 
 
 def run_tflite(model_bytes: bytes, x: np.ndarray, batch: int = 1) -> np.ndarray:

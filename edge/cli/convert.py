@@ -89,9 +89,6 @@ def _command_line() -> str | None:
 @click.option("--onnx-per-channel/--onnx-per-tensor", default=None, help="ONNX weight scales (default per-channel).")
 @click.option("--onnx-reduce-range", is_flag=True, default=None,
               help="7-bit ONNX weights (x86 CPUs without VNNI).")
-@click.option("--onnx-float-logits/--onnx-int8-logits", "float_logits", default=None,
-              help="ONNX int8: keep the last classifier layer (logits, softmax) in float (default) or "
-                   "quantise it too.")
 @click.option("--openvino-from", type=click.Choice(["onnx", "saved_model"]), default=None,
               help="What openvino.convert_model reads (default onnx).")
 @click.option("--nncf-preset", type=click.Choice(["performance", "mixed"]), default=None,
@@ -107,6 +104,9 @@ def _command_line() -> str | None:
 @click.option("--float-head", is_flag=True, default=None,
               help="int8: keep the classifier head (fully-connected layers, softmax) in float; convolutions "
                    "stay int8.")
+@click.option("--float-logits/--int8-logits", "float_logits", default=None,
+              help="TFLite/ONNX int8: keep the last classifier layer (logits, softmax) in float (default) "
+                   "or quantise it too. OpenVINO (NNCF) never rounds the logits.")
 @click.option("--nncf-fast-bias-correction/--nncf-bias-correction", default=None,
               help="NNCF bias correction: the exact one (default) or the fast approximation.")
 @click.option("--nncf-activation-range", type=click.Choice(["minmax", "mean_minmax"]), default=None,

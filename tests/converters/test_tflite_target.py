@@ -90,3 +90,35 @@ def test_per_tensor_default_for_plain_convs(data_dir: Path, tmp_path: Path, cach
     assert _conv_scales(pc.model_file) == [8]
     assert auto.model_file.stat().st_size < pc.model_file.stat().st_size
     assert np.isfinite(load_manifest(auto.path).manifest["verification"]["top1_agreement"])
+
+
+@pytest.mark.slow
+def test_float_logits_default(data_dir: Path, tmp_path: Path, cache_env: Path) -> None:
+    """int8 keeps only the last fully-connected layer and the softmax in float by default;
+    --int8-logits quantises them too; int8 model I/O never gets float logits."""
+    from edgebrain.convert import convert
+    from edgebrain.modelcard import ModelCard
+    from edgebrain.preprocess import PreprocessSpec
+    from edgebrain.tfenv import import_tf
+
+    k = import_tf().keras
+    inp = k.Input((32, 32, 3))
+    x = k.layers.GlobalAveragePooling2D()(k.layers.Conv2D(8, 3, activation="relu")(inp))
+    x = k.layers.Dense(16, activation="relu", name="hidden")(x)
+    src = tmp_path / "dense-head"
+    src.mkdir()
+    k.Model(inp, k.layers.Dense(4, activation="softmax", name="predictions")(x)).save(src / "model.keras")
+    ModelCard("custom", CLASSES, PreprocessSpec.named("rescale", 32), [32, 32, 3],
+              data={"root": str(data_dir), "split_seed": 42}).save(src)
+    common: dict[str, Any] = dict(calib_size=16, verify_n=16, min_agreement=0.01, int8_fallback_below=None)
+    fl = load_manifest(convert(src, "tflite", "int8", tmp_path / "fl", **common)[0].path).manifest
+    q8 = load_manifest(convert(src, "tflite", "int8", tmp_path / "q8", float_logits=False, **common)[0].path).manifest
+    io8 = load_manifest(convert(src, "tflite", "int8", tmp_path / "io8", tflite_io="int8", **common)[0].path).manifest
+    assert fl["quantization"]["float_logits"] is True
+    assert any("predictions" in n for n in fl["quantization"]["float_logits_nodes"])
+    assert not any("hidden" in n for n in fl["quantization"]["float_logits_nodes"])
+    assert sorted(fl["ops"]["float_op_types"]) == ["FULLY_CONNECTED", "SOFTMAX"]
+    assert fl["ops"]["int8_ops"] >= 3  # conv, mean, the hidden dense layer
+    assert q8["quantization"]["float_logits"] is False and q8["ops"]["float_ops"] == 0
+    assert io8["quantization"]["float_logits"] is False and io8["ops"]["float_ops"] == 0
+    assert fl["ops"]["int8_ops"] == q8["ops"]["int8_ops"] - 2
