@@ -100,9 +100,14 @@ def test_target_contract(converted: dict[str, Any], probe: dict[str, Any], train
         assert len(listed) == 64
     if precision == "int8":
         if target == "tflite":
-            assert m["quantization"]["scheme"] == "full integer"
+            # default: full integer except the last classifier layer and softmax
+            assert m["quantization"]["float_logits"] is True
+            assert m["quantization"]["scheme"].startswith("full integer except the last classifier layer")
+            assert sorted(m["ops"]["float_op_types"]) == ["FULLY_CONNECTED", "SOFTMAX"]
             # resnet50-lite has depthwise convolutions: per-channel weight scales
             assert m["quantization"]["weight_scales"].startswith("auto: per-channel (")
+        if target == "onnx":
+            assert m["quantization"]["float_logits"] is True and m["quantization"]["nodes_excluded"]
         if target == "openvino":
             q = m["quantization"]
             assert (q["activation_range"], q["fast_bias_correction"]) == ("minmax", False)
@@ -126,13 +131,14 @@ def test_unsupported_pairs_are_skipped_with_reasons(converted: dict[str, Any]) -
 def test_options_selective_qdq_entropy_and_accuracy_control(trained_small: Path, tmp_path: Path,
                                                            cache_env: Path) -> None:
     """Ops kept float by name (--keep-float, as for an SR stage), ONNX QDQ S8S8 with entropy
-    calibration, and OpenVINO int8 with NNCF accuracy control."""
+    calibration, and OpenVINO int8 with NNCF accuracy control. (Real KL thresholds clip this
+    small model's activations: agreement is lower than with min/max, hence the low threshold.)"""
     from edgebrain.convert import convert
 
     arts = convert(trained_small, "tflite,onnx,openvino", "int8", tmp_path, calib_size=32, verify_n=32,
-                   min_agreement=0.7, calib_method="entropy", onnx_format="qdq", onnx_activations="s8",
+                   min_agreement=0.5, calib_method="entropy", onnx_format="qdq", onnx_activations="s8",
                    max_drop=0.02, keep_float="lite_s4_b3_pw", int8_fallback_below=0,
-                   nncf_activation_range="mean_minmax")
+                   nncf_activation_range="mean_minmax", float_logits=False)
     by = {a.target: a.manifest for a in arts}
     assert set(by) == {"tflite", "onnx", "openvino"}
     for target, conv in (("tflite", "CONV_2D"), ("onnx", "Conv"), ("openvino", "Convolution")):
@@ -146,7 +152,7 @@ def test_options_selective_qdq_entropy_and_accuracy_control(trained_small: Path,
     q = by["onnx"]["quantization"]
     assert (q["format"], q["activations"].split()[0]) == ("qdq", "s8")
     assert q["nodes_excluded"] and all("lite_s4_b3_pw" in n for n in q["nodes_excluded"])
-    assert by["onnx"]["calibration"]["method"] == "entropy"
+    assert by["onnx"]["calibration"]["method"] == "entropy" and q["entropy_histogram"]["num_bins"] == 2048
     assert by["onnx"]["ops"]["boundary_ops"] > 0  # Quantize/DequantizeLinear pairs
     ov = by["openvino"]
     assert ov["quantization"]["method"] == "nncf.quantize_with_accuracy_control"
