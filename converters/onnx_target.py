@@ -256,7 +256,7 @@ def _logits_nodes(g: Any) -> list[str]:
     t = g.output[0].name
     while t in producer:
         n = producer[t]
-        if n.op_type not in LOGITS_OPS:
+        if n.op_type not in LOGITS_OPS or not n.name:  # unnamed nodes cannot be excluded one by one
             return []
         out.append(n.name)
         if n.op_type in {"MatMul", "Gemm"}:
