@@ -34,6 +34,9 @@ INTEGER_OPS = {"ConvInteger", "MatMulInteger", "QGemm", "QAttention", "DynamicQu
 HEAD_OPS = {"MatMul", "Gemm", "Softmax"}  # the classifier head, kept float with float_head
 # ops between the last classifier layer and the output, kept float with float_logits
 LOGITS_OPS = {"MatMul", "Gemm", "Add", "Softmax", "Sigmoid", "Identity", "Reshape", "Squeeze", "Flatten"}
+# Histogram for entropy (KL) calibration: 2048 bins over the observed range, thresholds searched
+# in steps of 128 quantised bins (the TensorRT recipe that ORT's calibrator implements).
+ENTROPY_BINS = {"num_bins": 2048, "num_quantized_bins": 128}
 LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Shape", "Gather",
               "Concat", "Slice"}
 
@@ -214,7 +217,6 @@ class ONNXTarget(Target):
                                   "model card); cannot keep them float")
         cm = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}[method]
-        histogram: dict[str, int] | None = None
         cache: Path | None = None
         try:
             if method == "entropy":
@@ -222,8 +224,7 @@ class ONNXTarget(Target):
                 # quantised bins: the KL search then has a single candidate, the full range, so
                 # "entropy" silently equals min/max. Collect the ranges with the library's own
                 # calibrator at the usual 2048 bins and hand them over as a calibration cache.
-                histogram = dict(ENTROPY_BINS)
-                cache = _entropy_cache(pre, Reader(), ctx.workdir, histogram)
+                cache = _entropy_cache(pre, Reader(), ctx.workdir, ENTROPY_BINS)
             quantize_static(str(pre), str(dst), Reader(), quant_format=formats[fmt], per_channel=per_channel,
                             reduce_range=reduce_range, activation_type=types[act], weight_type=types[wt],
                             calibrate_method=cm, nodes_to_exclude=exclude or None,
@@ -239,8 +240,8 @@ class ONNXTarget(Target):
                  "tool": "onnxruntime.quantization.quantize_static", "preprocess": "quant_pre_process",
                  "float_head": float_head, "float_logits": bool(logits), "nodes_excluded": exclude,
                  "float_stages": list(ctx.float_stages), "float_scopes": list(ctx.float_scopes)}
-        if histogram:
-            quant["entropy_histogram"] = histogram
+        if method == "entropy":
+            quant["entropy_histogram"] = dict(ENTROPY_BINS)
         return quant, cs.manifest(method, "onnxruntime"), warnings
 
     def count_ops(self, model_file: Path) -> dict[str, Any] | None:
@@ -263,11 +264,6 @@ def _logits_nodes(g: Any) -> list[str]:
             return out
         t = next((i for i in n.input if i in producer and i not in inits), "")
     return []
-
-
-# Histogram for entropy (KL) calibration: 2048 bins over the observed range, thresholds searched
-# in steps of 128 quantised bins (the TensorRT recipe that ORT's calibrator implements).
-ENTROPY_BINS = {"num_bins": 2048, "num_quantized_bins": 128}
 
 
 def _entropy_cache(model: Path, reader: Any, workdir: Path, bins: dict[str, int]) -> Path:

@@ -244,7 +244,7 @@ class TFLiteTarget(Target):
         if scopes or float_logits:
             from edgebrain.sr import quantizable_nodes
 
-            listed = quantizable_nodes(c, rep, op_types=True)
+            listed = quantizable_nodes(c, rep)
         if scopes:
             nodes = [n for _, n in listed if any(s in n for s in scopes)]
             if not nodes:

@@ -682,7 +682,7 @@ def tflite_int8(model: Any, calib: np.ndarray, denylist_prefixes: Sequence[str] 
 
     if not denylist_prefixes:
         return bytes(converter().convert())
-    deny = [n for n in quantizable_nodes(converter(), rep) if any(p in n for p in denylist_prefixes)]
+    deny = [n for _, n in quantizable_nodes(converter(), rep) if any(p in n for p in denylist_prefixes)]
     if not deny:
         raise ModelError(f"no quantisable node matches {list(denylist_prefixes)}")
     dbg = tf.lite.experimental.QuantizationDebugger(
@@ -691,9 +691,9 @@ def tflite_int8(model: Any, calib: np.ndarray, denylist_prefixes: Sequence[str] 
     return bytes(dbg.get_nondebug_quantized_model())
 
 
-def quantizable_nodes(converter: Any, rep: Any, op_types: bool = False) -> list[Any]:
-    """Names of the nodes TFLite quantises (from the QuantizationDebugger's layer dump), in graph
-    order; with ``op_types``, ``(op type, name)`` pairs."""
+def quantizable_nodes(converter: Any, rep: Any) -> list[tuple[str, str]]:
+    """``(op type, name)`` of the nodes TFLite quantises (from the QuantizationDebugger's layer
+    dump), in graph order."""
     import csv
     import io
 
@@ -712,8 +712,7 @@ def quantizable_nodes(converter: Any, rep: Any, op_types: bool = False) -> list[
     buf = io.StringIO()
     dbg.layer_statistics_dump(buf)
     buf.seek(0)
-    rows = list(csv.DictReader(buf))
-    return [(r["op_name"], r["tensor_name"]) for r in rows] if op_types else [r["tensor_name"] for r in rows]
+    return [(r["op_name"], r["tensor_name"]) for r in csv.DictReader(buf)]
 
 
 def run_tflite(model_bytes: bytes, x: np.ndarray, batch: int = 1) -> np.ndarray:
