@@ -57,6 +57,9 @@ class BuildContext:
     # True when an int8 build is verified on the validation split and replaced by the target's
     # int8_fallbacks if it agrees too little (so a target may default to a leaner setting)
     int8_checked: bool = False
+    # target options the user set (the rest of ``options`` are defaults): never overridden by
+    # the int8 search or fallbacks
+    explicit: frozenset[str] = frozenset()
 
     def calib(self) -> CalibrationSet:
         if self.calibration is None:
@@ -89,6 +92,9 @@ class Target(ABC):
     # than --int8-fallback-below of the validation images (a key "calib_method" sets the calibration
     # method; other keys are target options). The user's explicit settings are never overridden.
     int8_fallbacks: ClassVar[list[dict[str, Any]]] = []
+    # int8 settings compared with the default on the validation split by every conversion (the
+    # calibration methods the backend offers besides its default); the best is kept
+    int8_candidates: ClassVar[list[dict[str, Any]]] = []
     option_help: ClassVar[dict[str, str]] = {}
     not_supported: ClassVar[dict[str, str]] = {}  # precision -> why not
 
@@ -111,6 +117,10 @@ class Target(ABC):
     def int8_fallbacks_for(self, ctx: BuildContext) -> list[dict[str, Any]]:
         """The int8 fallbacks that can differ from the default build for this source."""
         return list(self.int8_fallbacks)
+
+    def int8_candidates_for(self, ctx: BuildContext) -> list[dict[str, Any]]:
+        """The int8 settings to compare with the default build for this source."""
+        return list(self.int8_candidates)
 
     def count_ops(self, model_file: Path) -> dict[str, Any] | None:
         """{int8_ops, float_ops, float_op_types, ...} from the written model, where countable."""

@@ -91,7 +91,9 @@ class ONNXTarget(Target):
         "bf16": "onnxruntime's CPU provider has no bf16 convolution kernels (use openvino bf16)",
         "int16x8": "16-bit activation quantisation is not run by onnxruntime's CPU kernels (use tflite int16x8)",
     }
-    int8_fallbacks = [{"calib_method": "percentile"}, {"float_head": True}]
+    # percentile ranges are compared with min/max on the validation split by every conversion
+    int8_candidates = [{"calib_method": "percentile"}]
+    int8_fallbacks = [{"float_head": True}]
     options = {
         "opset": DEFAULT_OPSET,
         "onnx_format": "qoperator",

@@ -86,6 +86,9 @@ class OpenVINOTarget(Target):
         "dynamic": "OpenVINO has no dynamic-range quantisation (use int8, calibrated)",
         "int16x8": "OpenVINO's CPU plugin has no 16-bit activation quantisation",
     }
+    # NNCF's fast bias correction is compared with the exact one on the validation split by every
+    # conversion (which one agrees better depends on the model)
+    int8_candidates = [{"nncf_fast_bias_correction": True}]
     int8_fallbacks = [{"max_drop": 0.003, "max_drop_metric": "agreement"}]
     options = {
         "openvino_from": "onnx",

@@ -298,67 +298,110 @@ def _draft(build: Path, built: Any, target: Target, precision: str, src: Source)
                             "input_shape": list(src.input_shape), "preprocess": src.spec.to_dict(), "files": {}})
 
 
-def _int8_fallback(j: _Job, ctx: BuildContext, built: Any, build: Path, work: Path, vs: _VerifySet,
-                   below: float, threads: int | None, src: Source) -> tuple[Any, Path]:
-    """When the default int8 build agrees with the source on fewer than ``below`` of the
-    verification images, build the target's ``int8_fallbacks`` in order (skipping any that would
-    override a setting the user chose) and keep the one that agrees best on those images (the
-    validation split; never the evaluation set). The decision is recorded in
-    ``quantization.fallback``."""
+def _int8_choose(j: _Job, ctx: BuildContext, built: Any, build: Path, work: Path, vs: _VerifySet,
+                 below: float | None, search: bool, threads: int | None, src: Source) -> tuple[Any, Path]:
+    """Choose an int8 build on the verification (validation) images, never on the evaluation set.
+
+    1. Search (``search``; only when verifying on the validation split): build each of the
+       target's ``int8_candidates`` (calibration settings the backend offers besides its default,
+       e.g. onnxruntime's percentile ranges) and keep the build with the highest top-1 agreement
+       with the source, ties broken by the lower mean KL divergence of its probabilities from the
+       source's: agreement on a few hundred images moves in steps of one image, the KL divergence
+       ranks the settings that tie there.
+    2. Fallback: when the best build so far agrees on fewer than ``below`` of the images, build
+       the target's ``int8_fallbacks`` in order, on top of the settings chosen in 1, until one
+       reaches ``below`` (same ordering).
+
+    Settings the user chose explicitly are never overridden. Attempts and choices are recorded in
+    ``quantization.selection`` and ``quantization.fallback``."""
     import dataclasses
+
+    def key(v: dict[str, Any]) -> tuple[float, float]:
+        return (float(v.get("top1_agreement", 0.0)), -float(v.get("mean_kl", float("inf"))))
+
+    def measured(v: dict[str, Any]) -> dict[str, Any]:
+        return {k: v[k] for k in ("top1_agreement", "mean_kl") if k in v}
+
+    def label(settings: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={v}" for k, v in settings.items()) or "default"
+
+    def agree(v: dict[str, Any]) -> float:
+        return float(v.get("top1_agreement", 0.0))
 
     try:
         v0, _ = _verify(_draft(build, built, j.target, j.precision, src), j.target, vs, 0.0, threads)
-        first = float(v0.get("top1_agreement", 0.0))
-        attempts: list[dict[str, Any]] = [{"settings": "default", "top1_agreement": first}]
+        first: dict[str, Any] = measured(v0)
     except Exception as exc:  # the default does not even run: try the alternatives
-        first = 0.0
-        attempts = [{"settings": "default", "error": f"{type(exc).__name__}: {exc}"}]
-    if first >= below:
-        return built, build
-    best = (first, built, build, "default")
-    for fb in j.target.int8_fallbacks_for(ctx):
-        label = ", ".join(f"{k}={v}" for k, v in fb.items())
-        user_set = [k for k in fb if (ctx.calib_method is not None if k == "calib_method"
-                                      else k in ctx.options and ctx.options[k] != j.target.options.get(k))]
-        if user_set:
-            attempts.append({"settings": label, "skipped": f"set explicitly: {', '.join(user_set)}"})
-            continue
-        _say(f"{j.target.name} int8: top-1 agreement {best[0]:.4f} < {below} on {len(vs.x)} {vs.split} images; "
-             f"trying {label}")
-        ctx2 = dataclasses.replace(ctx, options={**ctx.options, **{k: v for k, v in fb.items() if k != "calib_method"}},
-                                   calib_method=fb.get("calib_method", ctx.calib_method))
-        b2 = Path(tempfile.mkdtemp(prefix=f".{j.dirname}.fallback-", dir=work))
+        first = {"top1_agreement": 0.0, "error": f"{type(exc).__name__}: {exc}"}
+    # (measured, built, folder, settings)
+    best: tuple[dict[str, Any], Any, Path, dict[str, Any]] = (first, built, build, {})
+
+    def attempt(settings: dict[str, Any], log: list[dict[str, Any]], why: str) -> None:
+        nonlocal best
+        chosen_by_user = [k for k in settings if (ctx.calib_method is not None if k == "calib_method" else
+                                                  k in ctx.explicit)]
+        if chosen_by_user:
+            log.append({"settings": label(settings), "skipped": f"set explicitly: {', '.join(chosen_by_user)}"})
+            return
+        full = {**best[3], **settings}
+        _say(f"{j.target.name} int8: {why}; trying {label(full)}")
+        ctx2 = dataclasses.replace(
+            ctx, options={**ctx.options, **{k: v for k, v in full.items() if k != "calib_method"}},
+            calib_method=full.get("calib_method", ctx.calib_method))
+        b2 = Path(tempfile.mkdtemp(prefix=f".{j.dirname}.alt-", dir=work))
         try:
             built2 = j.target.build(ctx2, j.precision, b2)
             v2, _ = _verify(_draft(b2, built2, j.target, j.precision, src), j.target, vs, 0.0, threads)
-        except Exception as exc:  # a fallback that cannot be built is recorded, the default stands
-            attempts.append({"settings": label, "error": f"{type(exc).__name__}: {exc}"})
+        except Exception as exc:  # a setting that cannot be built is recorded, the best so far stands
+            log.append({"settings": label(full), "error": f"{type(exc).__name__}: {exc}"})
             shutil.rmtree(b2, ignore_errors=True)
-            continue
-        ag = float(v2["top1_agreement"])
-        attempts.append({"settings": label, "top1_agreement": ag})
+            return
+        log.append({"settings": label(full), **measured(v2)})
         if built2.ops is not None and not built2.ops.get("int8_ops"):
-            attempts[-1]["not_kept"] = "no int8 op left"
+            log[-1]["not_kept"] = "no int8 op left"
             shutil.rmtree(b2, ignore_errors=True)
-            continue
-        if ag > best[0]:
+            return
+        if key(v2) > key(best[0]):
             if best[2] != build:
                 shutil.rmtree(best[2], ignore_errors=True)
-            best = (ag, built2, b2, label)
+            best = (measured(v2), built2, b2, full)
         else:
             shutil.rmtree(b2, ignore_errors=True)
-        if best[0] >= below:
-            break
+
+    extra: dict[str, Any] = {}
+    candidates = j.target.int8_candidates_for(ctx) if search and vs.split == "val" else []
+    if candidates:
+        log: list[dict[str, Any]] = [{"settings": "default", **first}]
+        for cand in candidates:
+            attempt(cand, log, f"comparing calibration settings on {len(vs.x)} {vs.split} images")
+        extra["selection"] = {
+            "criterion": f"highest top-1 agreement with the source on the {len(vs.x)} {vs.split} images, then the "
+                         "lowest mean KL divergence from the source's probabilities",
+            "attempts": log, "chosen": label(best[3])}
+    searched = dict(best[0])
+    if below and agree(best[0]) < below:
+        fb_log: list[dict[str, Any]] = [{"settings": label(best[3]), **best[0]}]
+        for fb in j.target.int8_fallbacks_for(ctx):
+            attempt(fb, fb_log, f"top-1 agreement {agree(best[0]):.4f} < {below} on {len(vs.x)} {vs.split} images")
+            if agree(best[0]) >= below:
+                break
+        if len(fb_log) > 1:
+            extra["fallback"] = {
+                "trigger": f"int8 top-1 agreement {agree(searched):.4f} < {below} on {len(vs.x)} {vs.split} images",
+                "attempts": fb_log, "chosen": label(best[3])}
     chosen_built, chosen_dir = best[1], best[2]
-    chosen_built.quantization = {**(chosen_built.quantization or {}), "fallback": {
-        "trigger": f"default int8 top-1 agreement {first:.4f} < {below} on {len(vs.x)} {vs.split} images",
-        "attempts": attempts, "chosen": best[3]}}
-    if best[3] != "default":
-        chosen_built.warnings = [*chosen_built.warnings, f"int8 fallback chosen on the {vs.split} split: {best[3]} "
-                                 f"(top-1 agreement {first:.4f} -> {best[0]:.4f})"]
+    if extra:
+        chosen_built.quantization = {**(chosen_built.quantization or {}), **extra}
+        _say(f"{j.target.name} int8: keeping {label(best[3])} (top-1 agreement {agree(best[0]):.4f})")
+    if best[3]:
+        fb = extra.get("fallback")
+        how = "fallback" if fb and fb["chosen"] != fb["attempts"][0]["settings"] else "calibration setting"
+        chosen_built.warnings = [
+            *chosen_built.warnings,
+            f"int8 {how} chosen on the {vs.split} split: {label(best[3])} (top-1 agreement {agree(first):.4f} -> "
+            f"{agree(best[0]):.4f}, mean KL {first.get('mean_kl', float('nan')):.3g} -> "
+            f"{best[0].get('mean_kl', float('nan')):.3g})"]
         shutil.rmtree(build, ignore_errors=True)
-    _say(f"{j.target.name} int8: keeping {best[3]} (top-1 agreement {best[0]:.4f})")
     return chosen_built, chosen_dir
 
 
@@ -380,6 +423,7 @@ def _verify(art: Artifact, target: Target, vs: _VerifySet, min_agreement: float,
         "top1_agreement": round(ag["top1_agreement"], 6),
         "max_abs_dp": round(ag["max_abs_dp"], 6),
         "mean_abs_dp": round(ag["mean_abs_dp"], 6),
+        "mean_kl": float(f"{ag['mean_kl']:.6g}"),
         "threshold": min_agreement,
         "runtime": getattr(runner, "name", "?"),
         "device": getattr(runner, "device", "?"),
@@ -440,6 +484,7 @@ def convert(
     prune_cluster: int | None = None,
     cluster_epochs: int = 1,
     int8_fallback_below: float | None = DEFAULT_INT8_FALLBACK_BELOW,
+    int8_search: bool = True,
     preprocess: str | None = None,
     classes: str | Sequence[str] | None = None,
     keep_float: str | Sequence[str] | None = None,
@@ -507,6 +552,7 @@ def convert(
             "min_agreement": min_agreement if min_agreement != DEFAULT_MIN_AGREEMENT else None,
             "int8_fallback_below": (int8_fallback_below if int8_fallback_below != DEFAULT_INT8_FALLBACK_BELOW
                                     else None),
+            "no_int8_search": not int8_search,  # --no-int8-search
             "no_verify": no_verify, "allow_overlap": allow_overlap, "unsafe": unsafe, "overwrite": overwrite,
             **{k: v for k, v in options.items() if v is not None and v != known[k]["default"]}})
 
@@ -518,10 +564,11 @@ def convert(
                         calib_method=calib_method, prune=prune, prune_epochs=prune_epochs, prune_2x4=prune_2x4,
                         prune_lr=prune_lr, prune_min_params=prune_min_params, prune_per_class=prune_per_class,
                         prune_cluster=prune_cluster, cluster_epochs=cluster_epochs,
-                        int8_fallback_below=int8_fallback_below, preprocess=preprocess, classes=class_list, keep_float=keep_float, data=data,
+                        int8_fallback_below=int8_fallback_below, int8_search=int8_search, preprocess=preprocess, classes=class_list, keep_float=keep_float, data=data,
                         ct_dir=ct_dir, ct_csv=ct_csv, verify_n=verify_n,
                         min_agreement=min_agreement, no_verify=no_verify, allow_overlap=allow_overlap,
                         unsafe=unsafe, overwrite=overwrite, threads=threads, command=command, opts=opts,
+                        given=frozenset(k for k, v in options.items() if v is not None),
                         calibrated=CALIBRATED)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -544,12 +591,12 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
              calib: str | Path | None, calib_size: int, calib_seed: int, calib_method: str | None,
              prune: float | None, prune_epochs: int, prune_2x4: bool, prune_lr: float, prune_min_params: int,
              prune_per_class: int | None, prune_cluster: int | None, cluster_epochs: int,
-             int8_fallback_below: float | None, preprocess: str | None, classes: list[str] | None,
+             int8_fallback_below: float | None, int8_search: bool, preprocess: str | None, classes: list[str] | None,
              keep_float: str | Sequence[str] | None, data: str | Path | None,
              ct_dir: str | Path | None, ct_csv: str | Path | None, verify_n: int | None,
              min_agreement: float, no_verify: bool, allow_overlap: bool, unsafe: bool, overwrite: bool,
              threads: int | None, command: str,
-             opts: dict[str, Any], calibrated: frozenset[str]) -> list[Artifact]:
+             opts: dict[str, Any], calibrated: frozenset[str], given: frozenset[str] = frozenset()) -> list[Artifact]:
     from edgebrain.converters.base import BuildContext, ConversionError, file_sizes
     from edgebrain.converters.source import load_source
 
@@ -616,6 +663,7 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
     ctx = BuildContext(source=src, workdir=work, options=opts, calibration=(lambda: cal) if cal is not None else None,
                        validation=validation if dd.available else None, calib_method=calib_method,
                        float_scopes=scopes, float_stages=stages,
+                       explicit=given,
                        int8_checked=not no_verify and bool(int8_fallback_below))
     if scopes:
         _say(f"int8: ops named *{'*, *'.join(scopes)}* stay float ({', '.join(stages)})")
@@ -640,8 +688,11 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
         build = Path(tempfile.mkdtemp(prefix=f".{j.dirname}.build-", dir=work))
         try:
             built = j.target.build(ctx, j.precision, build)
-            if j.precision == "int8" and vs is not None and int8_fallback_below and j.target.int8_fallbacks_for(ctx):
-                built, build = _int8_fallback(j, ctx, built, build, work, vs, int8_fallback_below, threads, src)
+            if j.precision == "int8" and vs is not None and (
+                    (int8_fallback_below and j.target.int8_fallbacks_for(ctx))
+                    or (int8_search and vs.split == "val" and j.target.int8_candidates_for(ctx))):
+                built, build = _int8_choose(j, ctx, built, build, work, vs, int8_fallback_below, int8_search,
+                                            threads, src)
         except Exception as exc:  # one target failing never stops the others
             msg = str(exc) if isinstance(exc, EdgebrainError) else f"{type(exc).__name__}: {exc}"
             failed.append({"target": j.target.name, "precision": j.precision, "error": msg})

@@ -33,10 +33,14 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, class_names
 
 
 def agreement(p_ref: np.ndarray, p_new: np.ndarray) -> dict[str, float]:
-    """Top-1 agreement and max |delta p| between two probability arrays."""
+    """Top-1 agreement, max and mean |delta p| and the mean KL divergence KL(ref || new) (nats;
+    probabilities floored at 1e-7) between two probability arrays."""
     a = np.asarray(p_ref, np.float64)
     b = np.asarray(p_new, np.float64)
+    eps = 1e-7
+    kl = np.sum(a * (np.log(np.maximum(a, eps)) - np.log(np.maximum(b, eps))), axis=1) if len(a) else a
     return {
+        "mean_kl": float(np.mean(kl)) if len(a) else float("nan"),
         "top1_agreement": float(np.mean(a.argmax(1) == b.argmax(1))) if len(a) else float("nan"),
         "max_abs_dp": float(np.max(np.abs(a - b))) if len(a) else float("nan"),
         "mean_abs_dp": float(np.mean(np.abs(a - b))) if len(a) else float("nan"),

@@ -35,7 +35,9 @@ def _command_line() -> str | None:
 @click.option("--calib-size", type=int, default=256, show_default=True, help="Calibration images (stratified).")
 @click.option("--calib-seed", type=int, default=0, show_default=True, help="Seed of the calibration sample.")
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile", "distribution"]),
-              default=None, help="onnxruntime calibration method (default minmax; TFLite and NNCF use min/max).")
+              default=None, help="onnxruntime calibration method (default: minmax and percentile are both built and the "
+                   "better one on the validation split is kept, see --int8-search; TFLite and NNCF use "
+                   "min/max).")
 @click.option("--allow-overlap", is_flag=True,
               help="Proceed (with a loud warning in the manifest) when calibration images are in Testing.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
@@ -69,6 +71,10 @@ def _command_line() -> str | None:
                    "this, try the target's alternative int8 settings (OpenVINO: accuracy-controlled NNCF; "
                    "TFLite: float head; ONNX: percentile calibration, float head) and keep the best. "
                    "0 turns it off.")
+@click.option("--int8-search/--no-int8-search", default=True, show_default=True,
+              help="int8: also build the calibration settings the backend offers besides its default "
+                   "(ONNX: percentile ranges) and keep the one that agrees best with the source on the "
+                   "validation split (top-1 agreement, then mean KL divergence). Never the evaluation set.")
 @click.option("--unsafe", is_flag=True, help="Allow Lambda layers / arbitrary code in the model file.")
 @click.option("--overwrite", is_flag=True, help="Replace existing artifact folders.")
 @click.option("--threads", type=int, default=None, help="Threads for the verification runners.")

@@ -85,7 +85,8 @@ def test_float_logits_default(data_dir: Path, tmp_path: Path, cache_env: Path) -
     from edgebrain.convert import convert
 
     src = _tiny(tmp_path, data_dir, dense_head=True)
-    common: dict[str, Any] = dict(calib_size=16, verify_n=16, min_agreement=0.01, int8_fallback_below=None)
+    common: dict[str, Any] = dict(calib_size=16, verify_n=16, min_agreement=0.01, int8_fallback_below=None,
+                                  int8_search=False)
     fl = convert(src, "onnx", "int8", tmp_path / "fl", **common)[0]
     q8 = convert(src, "onnx", "int8", tmp_path / "q8", float_logits=False, **common)[0]
     mf, m8 = load_manifest(fl.path).manifest, load_manifest(q8.path).manifest

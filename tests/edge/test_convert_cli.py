@@ -156,6 +156,7 @@ class FlakyInt8Target(BrokenTarget):
     precisions = ("int8",)
     options = {"flaky_fix": False}
     int8_fallbacks = [{"flaky_fix": True}]
+    int8_candidates: list[dict[str, Any]] = []
 
     def build(self, ctx: Any, precision: str, out: Path) -> Any:
         import numpy as np
@@ -199,3 +200,41 @@ def test_int8_fallback_is_chosen_on_validation_and_recorded(trained_small: Path,
                   "--calib-size", "16", "--data", data_dir, "--min-agreement", "0.9", "--int8-fallback-below", "0")
     assert res.exit_code == 1, res.output
     assert (tmp_path / "off" / "flaky-int8.rejected").is_dir()
+
+
+@pytest.mark.slow
+def test_int8_search_keeps_the_best_calibration_on_validation(trained_small: Path, data_dir: Path,
+                                                              tmp_path: Path, cache_env: Path) -> None:
+    """ONNX int8 builds min/max and percentile ranges, keeps the one that agrees best with the
+    source on the validation images (ties: lower mean KL), and records both; a method the user
+    chose is never replaced; --no-int8-search builds the default only."""
+    common = ["--to", "onnx", "--precision", "int8", "--verify-n", "48", "--calib-size", "32", "--data", data_dir,
+              "--min-agreement", "0.5", "--int8-fallback-below", "0"]
+    res = _invoke(trained_small, *common, "--out", tmp_path / "s")
+    assert res.exit_code == 0, res.output
+    m = load_manifest(tmp_path / "s" / "onnx-int8").manifest
+    sel = m["quantization"]["selection"]
+    assert [a["settings"] for a in sel["attempts"]] == ["default", "calib_method=percentile"]
+    default, pct = sel["attempts"]
+    assert default["mean_kl"] != pct["mean_kl"]  # two different builds were measured
+    best = max(sel["attempts"], key=lambda a: (a["top1_agreement"], -a["mean_kl"]))
+    assert sel["chosen"] == best["settings"]
+    assert m["calibration"]["method"] == ("percentile" if best is pct else "minmax")
+    assert m["verification"]["mean_kl"] == pytest.approx(best["mean_kl"], rel=1e-5)
+    assert m["verification"]["top1_agreement"] == pytest.approx(best["top1_agreement"], abs=1e-6)
+    assert "fallback" not in m["quantization"]
+    assert len([p for p in (tmp_path / "s").iterdir() if p.name.startswith("onnx-int8")]) == 1
+
+    res = _invoke(trained_small, *common, "--calib-method", "minmax", "--out", tmp_path / "mm")
+    assert res.exit_code == 0, res.output
+    mm = load_manifest(tmp_path / "mm" / "onnx-int8").manifest
+    assert mm["calibration"]["method"] == "minmax"
+    assert mm["quantization"]["selection"]["attempts"][1]["skipped"] == "set explicitly: calib_method"
+    assert mm["quantization"]["selection"]["chosen"] == "default"
+
+    res = _invoke(trained_small, *common, "--no-int8-search", "--out", tmp_path / "off")
+    assert res.exit_code == 0, res.output
+    off = load_manifest(tmp_path / "off" / "onnx-int8").manifest
+    assert "selection" not in off["quantization"] and off["calibration"]["method"] == "minmax"
+    assert off["verification"]["mean_kl"] == pytest.approx(default["mean_kl"], rel=1e-5)
+    assert "--no-int8-search" in off["command"]
