@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{src_res['accuracy']:.4f} ({-drop:+.2f} pp)")
         check(f"{key}: top-1 agreement >= 99.5 %", res["agreement"] >= 0.995, f"{res['agreement'] * 100:.2f} %")
         worst = max((src_res["recall"][c] - res["recall"][c]) * 100 for c in classes)
-        check(f"{key}: no class recall down > 1 pp", worst <= 1.0, f"largest drop {worst:.2f} pp")
+        check(f"{key}: no class recall down > 1 pp", worst <= 1.0 + 1e-9,  # 3 of 300 is exactly 1 pp
+              f"largest drop {worst:.2f} pp")
         fp32 = results.get(key.replace("-int8", "-fp32"))
         if fp32:
             f_int8 = res.get("weights_bytes", res["model_file_bytes"])

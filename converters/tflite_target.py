@@ -218,7 +218,15 @@ class TFLiteTarget(Target):
                 raise ConversionError(f"{src.path}: TFLite conversion to {precision} failed "
                                       f"({type(exc2).__name__}: {str(exc2)[:800]})") from exc2
             assert quant is not None
-            quant["float_fallback"] = True
+            if scopes:  # never quantise a stage the model card keeps float
+                raise ConversionError(f"{src.path}: TFLite selective quantisation failed, so ops named "
+                                      f"*{'*, *'.join(scopes)}* cannot be kept float ({type(exc).__name__}: "
+                                      f"{str(exc)[:400]})") from exc
+            if float_head or float_logits:
+                warnings.append("the classifier " + ("head" if float_head else "layer") + " could not be kept "
+                                f"float (selective quantisation failed: {str(exc).splitlines()[0][:200]}); it is int8")
+            quant.update({"float_fallback": True, "float_head": False, "float_logits": False,
+                          "float_logits_nodes": []})
             warnings.append(f"full-integer {precision} was not possible ({str(exc).splitlines()[0][:200]}); "
                             "ops without integer kernels stay in float (see ops.float_op_types)")
         (out / MODEL_FILE).write_bytes(blob)
@@ -241,10 +249,11 @@ class TFLiteTarget(Target):
         rep = c.representative_dataset
         nodes: list[str] = []
         logits: list[str] = []
+        dbg = None
         if scopes or float_logits:
             from edgebrain.sr import quantizable_nodes
 
-            listed = quantizable_nodes(c, rep)
+            listed, dbg = quantizable_nodes(c, rep)  # calibrated once, reused below
         if scopes:
             nodes = [n for _, n in listed if any(s in n for s in scopes)]
             if not nodes:
@@ -254,11 +263,12 @@ class TFLiteTarget(Target):
             fc = [i for i, (op, _) in enumerate(listed) if op == "FULLY_CONNECTED"]
             logits = [n for _, n in listed[fc[-1]:] if n not in nodes] if fc else []
             nodes += logits
-        dbg = tf.lite.experimental.QuantizationDebugger(
-            converter=c, debug_dataset=rep,
-            debug_options=tf.lite.experimental.QuantizationDebugOptions(
-                denylisted_ops=["FULLY_CONNECTED", "SOFTMAX"] if float_head else None,
-                denylisted_nodes=nodes or None))
+        options = tf.lite.experimental.QuantizationDebugOptions(
+            denylisted_ops=["FULLY_CONNECTED", "SOFTMAX"] if float_head else None, denylisted_nodes=nodes or None)
+        if dbg is None:
+            dbg = tf.lite.experimental.QuantizationDebugger(converter=c, debug_dataset=rep, debug_options=options)
+        else:
+            dbg.options = options
         return bytes(dbg.get_nondebug_quantized_model()), logits
 
     def count_ops(self, model_file: Path) -> dict[str, Any] | None:

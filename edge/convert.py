@@ -310,7 +310,8 @@ def _int8_choose(j: _Job, ctx: BuildContext, built: Any, build: Path, work: Path
        ranks the settings that tie there.
     2. Fallback: when the best build so far agrees on fewer than ``below`` of the images, build
        the target's ``int8_fallbacks`` in order, on top of the settings chosen in 1, until one
-       reaches ``below`` (same ordering).
+       reaches ``below``; a fallback is kept only if it agrees on more images (it costs size or
+       speed, so a lower KL alone does not justify it).
 
     Settings the user chose explicitly are never overridden. Attempts and choices are recorded in
     ``quantization.selection`` and ``quantization.fallback``."""
@@ -336,7 +337,7 @@ def _int8_choose(j: _Job, ctx: BuildContext, built: Any, build: Path, work: Path
     # (measured, built, folder, settings)
     best: tuple[dict[str, Any], Any, Path, dict[str, Any]] = (first, built, build, {})
 
-    def attempt(settings: dict[str, Any], log: list[dict[str, Any]], why: str) -> None:
+    def attempt(settings: dict[str, Any], log: list[dict[str, Any]], why: str, fallback: bool = False) -> None:
         nonlocal best
         chosen_by_user = [k for k in settings if (ctx.calib_method is not None if k == "calib_method" else
                                                   k in ctx.explicit)]
@@ -361,7 +362,9 @@ def _int8_choose(j: _Job, ctx: BuildContext, built: Any, build: Path, work: Path
             log[-1]["not_kept"] = "no int8 op left"
             shutil.rmtree(b2, ignore_errors=True)
             return
-        if key(v2) > key(best[0]):
+        # a fallback costs size or speed: it is kept only for more top-1 agreement, not a lower KL
+        better = agree(v2) > agree(best[0]) if fallback else key(v2) > key(best[0])
+        if better:
             if best[2] != build:
                 shutil.rmtree(best[2], ignore_errors=True)
             best = (measured(v2), built2, b2, full)
@@ -382,7 +385,8 @@ def _int8_choose(j: _Job, ctx: BuildContext, built: Any, build: Path, work: Path
     if below and agree(best[0]) < below:
         fb_log: list[dict[str, Any]] = [{"settings": label(best[3]), **best[0]}]
         for fb in j.target.int8_fallbacks_for(ctx):
-            attempt(fb, fb_log, f"top-1 agreement {agree(best[0]):.4f} < {below} on {len(vs.x)} {vs.split} images")
+            attempt(fb, fb_log, f"top-1 agreement {agree(best[0]):.4f} < {below} on {len(vs.x)} {vs.split} images",
+                    fallback=True)
             if agree(best[0]) >= below:
                 break
         if len(fb_log) > 1:

@@ -682,18 +682,19 @@ def tflite_int8(model: Any, calib: np.ndarray, denylist_prefixes: Sequence[str] 
 
     if not denylist_prefixes:
         return bytes(converter().convert())
-    deny = [n for _, n in quantizable_nodes(converter(), rep) if any(p in n for p in denylist_prefixes)]
+    listed, dbg = quantizable_nodes(converter(), rep)
+    deny = [n for _, n in listed if any(p in n for p in denylist_prefixes)]
     if not deny:
         raise ModelError(f"no quantisable node matches {list(denylist_prefixes)}")
-    dbg = tf.lite.experimental.QuantizationDebugger(
-        converter=converter(), debug_dataset=rep,
-        debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=deny))
+    dbg.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=deny)
     return bytes(dbg.get_nondebug_quantized_model())
 
 
-def quantizable_nodes(converter: Any, rep: Any) -> list[tuple[str, str]]:
+def quantizable_nodes(converter: Any, rep: Any) -> tuple[list[tuple[str, str]], Any]:
     """``(op type, name)`` of the nodes TFLite quantises (from the QuantizationDebugger's layer
-    dump), in graph order."""
+    dump), in graph order, and the debugger. The debugger calibrates on the converter's whole
+    representative dataset (once) and runs 2 images for the dump; set its ``options`` (denylist)
+    and call ``get_nondebug_quantized_model()`` to quantise without calibrating again."""
     import csv
     import io
 
@@ -712,7 +713,7 @@ def quantizable_nodes(converter: Any, rep: Any) -> list[tuple[str, str]]:
     buf = io.StringIO()
     dbg.layer_statistics_dump(buf)
     buf.seek(0)
-    return [(r["op_name"], r["tensor_name"]) for r in csv.DictReader(buf)]
+    return [(r["op_name"], r["tensor_name"]) for r in csv.DictReader(buf)], dbg
 
 
 def run_tflite(model_bytes: bytes, x: np.ndarray, batch: int = 1) -> np.ndarray:

@@ -122,3 +122,33 @@ def test_float_logits_default(data_dir: Path, tmp_path: Path, cache_env: Path) -
     assert q8["quantization"]["float_logits"] is False and q8["ops"]["float_ops"] == 0
     assert io8["quantization"]["float_logits"] is False and io8["ops"]["float_ops"] == 0
     assert fl["ops"]["int8_ops"] == q8["ops"]["int8_ops"] - 2
+
+
+@pytest.mark.slow
+def test_failed_selective_quantisation_is_recorded(data_dir: Path, tmp_path: Path, cache_env: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """When selective quantisation (float logits) fails, the float-builtins conversion is used and
+    the manifest says the classifier is int8 after all; a float stage is never quantised."""
+    from edgebrain.convert import convert
+    from edgebrain.errors import EdgebrainError
+    from edgebrain.modelcard import ModelCard
+    from edgebrain.preprocess import PreprocessSpec
+
+    src = tmp_path / "plain"
+    src.mkdir()
+    _keras(False).save(src / "model.keras")
+    ModelCard("custom", CLASSES, PreprocessSpec.named("rescale", 32), [32, 32, 3],
+              data={"root": str(data_dir), "split_seed": 42}).save(src)
+
+    def broken(*a: Any, **k: Any) -> Any:
+        raise RuntimeError("denylist not supported")
+
+    monkeypatch.setattr(TFLiteTarget, "_selective", staticmethod(broken))
+    common: dict[str, Any] = dict(calib_size=16, verify_n=16, min_agreement=0.01, int8_fallback_below=None)
+    m = load_manifest(convert(src, "tflite", "int8", tmp_path / "fb", **common)[0].path).manifest
+    q = m["quantization"]
+    assert q["float_fallback"] is True and q["float_logits"] is False and q["float_logits_nodes"] == []
+    assert any("could not be kept float" in w for w in m["warnings"])
+    assert m["ops"]["float_ops"] == 0  # really all int8
+    with pytest.raises(EdgebrainError, match="cannot be kept float"):
+        convert(src, "tflite", "int8", tmp_path / "sc", keep_float="conv", **common)
