@@ -26,6 +26,11 @@ def steps(data: str) -> list[list[str]]:
     py = sys.executable
     return [
         [py, "benchmarks/convert_targets.py", "--model", LITE, "--data", data, "--out", "artifacts/bench-convert"],
+        [py, "benchmarks/convert_targets.py", "--model", FULL.rsplit("/", 1)[0], "--data", data, "--out",
+         "artifacts/bench-convert-w05", "--precisions", "fp32,int8", "--skip-prune"],
+        [py, "benchmarks/int8_search.py", "--model", LITE, "--data", data, "--out", "artifacts/int8-search-lite"],
+        [py, "benchmarks/int8_search.py", "--model", FULL.rsplit("/", 1)[0], "--data", data, "--out",
+         "artifacts/int8-search-w05"],
         [py, "benchmarks/bench_speed.py", "--model", "resnet50", "--data", data],
         [py, "benchmarks/int8_roofline.py", "--summary", "artifacts/bench-speed/resnet50/summary.json",
          "--out", "benchmarks/results/int8-roofline.md"],
