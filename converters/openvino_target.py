@@ -117,6 +117,11 @@ class OpenVINOTarget(Target):
 
     # ------------------------------------------------------------------ IR
 
+    def int8_candidates_for(self, ctx: BuildContext) -> list[dict[str, Any]]:
+        # accuracy control already searches (layer by layer, on the validation split) and is the
+        # slow step: it is not run twice
+        return [] if ctx.options.get("max_drop") is not None else list(self.int8_candidates)
+
     def _ov_model(self, ctx: BuildContext) -> Any:
         import openvino as ov
 

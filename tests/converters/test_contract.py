@@ -159,3 +159,22 @@ def test_options_selective_qdq_entropy_and_accuracy_control(trained_small: Path,
     assert ov["quantization"]["max_drop"] == 0.02 and ov["quantization"]["validation"]["n"] > 0
     assert ov["quantization"]["activation_range"] == "mean_minmax"
     assert ov["calibration"]["method"] == "minmax"
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_int8_search_and_fallbacks_name_real_settings(name: str) -> None:
+    """Every int8 candidate and fallback of a target sets only options it has (or the calibration
+    method), so the search can apply them; OpenVINO skips its search under accuracy control."""
+    from types import SimpleNamespace
+
+    t = TARGETS[name]
+    ctx: Any = SimpleNamespace(options=dict(t.options), calib_method=None, float_scopes=[], int8_checked=True,
+                               explicit=frozenset(), source=SimpleNamespace(is_keras=False, model=None))
+    for settings in [*t.int8_candidates_for(ctx), *t.int8_fallbacks_for(ctx)]:
+        assert settings and set(settings) <= set(t.options) | {"calib_method"}, settings
+    expected = {"onnx": [{"calib_method": "percentile"}], "openvino": [{"nncf_fast_bias_correction": True}],
+                "tflite": []}
+    assert t.int8_candidates_for(ctx) == expected.get(name, [])
+    if name == "openvino":
+        ctx.options["max_drop"] = 0.005
+        assert t.int8_candidates_for(ctx) == []
