@@ -69,12 +69,13 @@ def _command_line() -> str | None:
 @click.option("--int8-fallback-below", type=float, default=0.995, show_default=True,
               help="When an int8 artifact's top-1 agreement on the verification (validation) images is below "
                    "this, try the target's alternative int8 settings (OpenVINO: accuracy-controlled NNCF; "
-                   "TFLite: float head; ONNX: percentile calibration, float head) and keep the best. "
-                   "0 turns it off.")
+                   "TFLite: per-channel scales, float head; ONNX: float head) and keep one only if it agrees "
+                   "more. 0 turns it off.")
 @click.option("--int8-search/--no-int8-search", default=True, show_default=True,
               help="int8: also build the calibration settings the backend offers besides its default "
-                   "(ONNX: percentile ranges) and keep the one that agrees best with the source on the "
-                   "validation split (top-1 agreement, then mean KL divergence). Never the evaluation set.")
+                   "(ONNX: percentile ranges; OpenVINO: NNCF fast bias correction) and keep the one that "
+                   "agrees best with the source on the validation split (top-1 agreement, then mean KL "
+                   "divergence). Never the evaluation set.")
 @click.option("--unsafe", is_flag=True, help="Allow Lambda layers / arbitrary code in the model file.")
 @click.option("--overwrite", is_flag=True, help="Replace existing artifact folders.")
 @click.option("--threads", type=int, default=None, help="Threads for the verification runners.")

@@ -171,3 +171,20 @@ def test_background_load_sees_another_busy_process() -> None:
     import os
 
     assert share is not None and share > 0.6 / (os.cpu_count() or 1)  # one busy process is ~1/ncpu of the machine
+
+
+def test_agreement_mean_kl() -> None:
+    """KL(ref || new) in nats: 0 for identical outputs, the textbook value otherwise, and larger
+    for the output that moves more probability."""
+    from edgebrain.metrics import agreement
+
+    ref = np.array([[0.5, 0.5], [0.9, 0.1]])
+    assert agreement(ref, ref)["mean_kl"] == pytest.approx(0.0, abs=1e-12)
+    new = np.array([[0.25, 0.75], [0.9, 0.1]])
+    expected = (0.5 * np.log(0.5 / 0.25) + 0.5 * np.log(0.5 / 0.75)) / 2
+    got = agreement(ref, new)
+    assert got["mean_kl"] == pytest.approx(expected, rel=1e-9)
+    assert got["top1_agreement"] == 0.5
+    further = np.array([[0.1, 0.9], [0.9, 0.1]])
+    assert agreement(ref, further)["mean_kl"] > got["mean_kl"]
+    assert np.isfinite(agreement(ref, np.array([[1.0, 0.0], [1.0, 0.0]]))["mean_kl"])  # a zero is floored
