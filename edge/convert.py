@@ -298,8 +298,19 @@ def _draft(build: Path, built: Any, target: Target, precision: str, src: Source)
                             "input_shape": list(src.input_shape), "preprocess": src.spec.to_dict(), "files": {}})
 
 
+def _with_settings(ctx: BuildContext, settings: dict[str, Any]) -> BuildContext:
+    """``ctx`` with int8 settings applied (``calib_method`` is the calibration method, the rest are
+    target options)."""
+    import dataclasses
+
+    return dataclasses.replace(
+        ctx, options={**ctx.options, **{k: v for k, v in settings.items() if k != "calib_method"}},
+        calib_method=settings.get("calib_method", ctx.calib_method))
+
+
 def _int8_choose(j: _Job, ctx: BuildContext, built: Any, build: Path, work: Path, vs: _VerifySet,
-                 below: float | None, search: bool, threads: int | None, src: Source) -> tuple[Any, Path]:
+                 below: float | None, search: bool, threads: int | None,
+                 src: Source) -> tuple[Any, Path, dict[str, Any]]:
     """Choose an int8 build on the verification (validation) images, never on the evaluation set.
 
     1. Search (``search``; only when verifying on the validation split): build each of the
@@ -314,8 +325,8 @@ def _int8_choose(j: _Job, ctx: BuildContext, built: Any, build: Path, work: Path
        speed, so a lower KL alone does not justify it).
 
     Settings the user chose explicitly are never overridden. Attempts and choices are recorded in
-    ``quantization.selection`` and ``quantization.fallback``."""
-    import dataclasses
+    ``quantization.selection`` and ``quantization.fallback``. Returns the chosen build, its folder
+    and the settings it was built with (empty for the default)."""
 
     def key(v: dict[str, Any]) -> tuple[float, float]:
         return (float(v.get("top1_agreement", 0.0)), -float(v.get("mean_kl", float("inf"))))
@@ -346,9 +357,7 @@ def _int8_choose(j: _Job, ctx: BuildContext, built: Any, build: Path, work: Path
             return
         full = {**best[3], **settings}
         _say(f"{j.target.name} int8: {why}; trying {label(full)}")
-        ctx2 = dataclasses.replace(
-            ctx, options={**ctx.options, **{k: v for k, v in full.items() if k != "calib_method"}},
-            calib_method=full.get("calib_method", ctx.calib_method))
+        ctx2 = _with_settings(ctx, full)
         b2 = Path(tempfile.mkdtemp(prefix=f".{j.dirname}.alt-", dir=work))
         try:
             built2 = j.target.build(ctx2, j.precision, b2)
@@ -406,7 +415,7 @@ def _int8_choose(j: _Job, ctx: BuildContext, built: Any, build: Path, work: Path
             f"{agree(best[0]):.4f}, mean KL {first.get('mean_kl', float('nan')):.3g} -> "
             f"{best[0].get('mean_kl', float('nan')):.3g})"]
         shutil.rmtree(build, ignore_errors=True)
-    return chosen_built, chosen_dir
+    return chosen_built, chosen_dir, best[3]
 
 
 def _verify(art: Artifact, target: Target, vs: _VerifySet, min_agreement: float,
@@ -692,11 +701,12 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
         build = Path(tempfile.mkdtemp(prefix=f".{j.dirname}.build-", dir=work))
         try:
             built = j.target.build(ctx, j.precision, build)
+            chosen: dict[str, Any] = {}
             if j.precision == "int8" and vs is not None and (
                     (int8_fallback_below and j.target.int8_fallbacks_for(ctx))
                     or (int8_search and vs.split == "val" and j.target.int8_candidates_for(ctx))):
-                built, build = _int8_choose(j, ctx, built, build, work, vs, int8_fallback_below, int8_search,
-                                            threads, src)
+                built, build, chosen = _int8_choose(j, ctx, built, build, work, vs, int8_fallback_below,
+                                                    int8_search, threads, src)
         except Exception as exc:  # one target failing never stops the others
             msg = str(exc) if isinstance(exc, EdgebrainError) else f"{type(exc).__name__}: {exc}"
             failed.append({"target": j.target.name, "precision": j.precision, "error": msg})
@@ -707,7 +717,9 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
         stage_files: list[str] = []
         if pipe is not None:
             try:
-                stage_entries, stage_files, sw = pipe.build(j.target, j.precision, ctx, build, cal)
+                # the stages are built with the int8 settings chosen for the whole model
+                stage_entries, stage_files, sw = pipe.build(j.target, j.precision, _with_settings(ctx, chosen),
+                                                            build, cal)
                 warnings += sw
             except Exception as exc:  # a stage that cannot be converted fails the whole artifact
                 msg = str(exc) if isinstance(exc, EdgebrainError) else f"{type(exc).__name__}: {exc}"
@@ -977,6 +989,7 @@ class _Pipeline:
                                                                        "sha256": st.source.sha256},
                 "runtime_options": dict(b.runtime_options), "ops": ops,
                 "calibration_input": stage_cal.info["stage_input"] if stage_cal is not None else None,
+                "calibration_method": (b.calibration or {}).get("method"),
                 **file_sizes(out, b.files),
             })
         return entries, files, warnings

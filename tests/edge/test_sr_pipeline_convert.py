@@ -173,3 +173,29 @@ def test_bench_reports_latency_per_stage(arts: dict[str, Path], data_dir: Path, 
     md = (out / "results.md").read_text()
     assert "## Pipeline stages" in md
     assert md.count("stages/sr/model.") == 3 and md.count("stages/classifier/model.") == 3
+
+
+def test_stages_use_the_int8_setting_chosen_for_the_model(srr: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The int8 search picks a calibration setting for the composite model on the validation
+    split; the stage files are quantised with that same setting. The candidate's verification is
+    made to report perfect agreement and zero KL, so the choice is deterministic here."""
+    import edgebrain.convert as C
+    from edgebrain.convert import convert
+
+    real = C._verify
+
+    def verify(art: Any, target: Any, vs: Any, min_agreement: float, threads: Any) -> Any:
+        res, w = real(art, target, vs, min_agreement, threads)
+        if ".alt-" in art.path.name:  # the search's candidate build (ONNX: percentile ranges)
+            res = {**res, "top1_agreement": 1.0, "mean_kl": 0.0}
+        return res, w
+
+    monkeypatch.setattr(C, "_verify", verify)
+    a = convert(srr / "model.keras", ["onnx"], ["int8"], tmp_path / "o", calib_size=16, verify_n=24,
+                min_agreement=0.01, int8_fallback_below=None)[0]
+    m = _manifest(a.path)
+    assert m["quantization"]["selection"]["chosen"] == "calib_method=percentile"
+    assert m["calibration"]["method"] == "percentile"
+    quantised = [st for st in m["pipeline"]["stages"] if st["precision"] == "int8"]
+    assert quantised and all(st["calibration_method"] == "percentile" for st in quantised)
