@@ -7,7 +7,11 @@
   ``openvino_fp16_compute`` says f16 (x86 CPUs without AVX512-FP16 map f16 to bf16);
 * int8: ``nncf.quantize`` on the calibration set, or, with ``max_drop``,
   ``nncf.quantize_with_accuracy_control`` on the validation split (layers are reverted to
-  float until the accuracy drop is within ``max_drop``).
+  float until the accuracy drop is within ``max_drop``). By default NNCF quantises the
+  FP16-compressed IR, as OpenVINO's own converter saves it ("FP16-INT8", like the Open Model
+  Zoo's int8 models): the weights become int8, the constants NNCF leaves unquantised (biases)
+  stay FP16, and the per-channel dequantisation scales f32 (OpenVINO keeps those f32 on
+  purpose). ``openvino_int8_ir="fp32"`` quantises the f32 IR instead (f32 biases).
 
 ``runtime_options.inference_precision`` is written to the manifest; the edge runner
 (edgebrain.runtime.OpenVINORunner) applies it.
@@ -99,6 +103,7 @@ class OpenVINOTarget(Target):
         "float_head": False,
         "nncf_fast_bias_correction": False,
         "nncf_activation_range": "minmax",
+        "openvino_int8_ir": "fp16",
     }
     option_help = {
         "openvino_from": "what convert_model reads: onnx (the tf2onnx export / ONNX source) or saved_model",
@@ -113,6 +118,8 @@ class OpenVINOTarget(Target):
         "nncf_activation_range": "activation ranges from the calibration set: minmax (the smallest minimum and "
                                  "largest maximum seen, as TFLite and onnxruntime MinMax do) or mean_minmax "
                                  "(NNCF's own default: per-image extremes averaged, which clips outliers)",
+        "openvino_int8_ir": "the IR NNCF quantises: fp16 (weights compressed to FP16 first, as openvino's "
+                            "converter saves them; the biases stay FP16 in the int8 IR) or fp32",
     }
 
     # ------------------------------------------------------------------ IR
@@ -178,6 +185,7 @@ class OpenVINOTarget(Target):
             runtime = {"inference_precision": compute}
             quant = {"scheme": "fp16-compressed weights", "compute": compute}
         elif precision == "int8":
+            model = self._int8_base(ctx, model)
             model, quant, calib_block, warn = self._int8(ctx, model)
             warnings += warn
         else:  # pragma: no cover - guarded by unsupported()
@@ -188,6 +196,22 @@ class OpenVINOTarget(Target):
             warnings.append(f"{ops['float_ops']} op(s) run in float: {', '.join(ops['float_op_types'])}")
         return Built(model_file=MODEL_FILE, quantization=quant, calibration=calib_block, ops=ops,
                      runtime_options=runtime, warnings=warnings, files=[MODEL_FILE, WEIGHTS_FILE])
+
+    @staticmethod
+    def _int8_base(ctx: BuildContext, model: Any) -> Any:
+        """The IR NNCF quantises: with ``openvino_int8_ir="fp16"`` (default) the FP16-compressed
+        IR that ``openvino.save_model`` writes by default, read back."""
+        import openvino as ov
+
+        base = str(ctx.options.get("openvino_int8_ir", "fp16")).lower()
+        if base not in ("fp16", "fp32"):
+            raise ConversionError(f"--openvino-int8-ir must be fp16 or fp32, got {base!r}")
+        if base == "fp32":
+            return model
+        d = Path(ctx.workdir) / "openvino-fp16-ir"
+        d.mkdir(parents=True, exist_ok=True)
+        ov.save_model(model, str(d / MODEL_FILE), compress_to_fp16=True)
+        return ov.Core().read_model(str(d / MODEL_FILE))
 
     def _int8(self, ctx: BuildContext, model: Any) -> tuple[Any, dict[str, Any], dict[str, Any], list[str]]:
         import logging
@@ -226,6 +250,9 @@ class OpenVINOTarget(Target):
                                  "float_head": float_head,
                                  "float_stages": list(ctx.float_stages), "float_scopes": list(ctx.float_scopes),
                                  "weights": "int8 per-channel (symmetric)",
+                                 "ir": str(o.get("openvino_int8_ir", "fp16")).lower(),
+                                 "unquantised_constants": "f16" if str(o.get("openvino_int8_ir", "fp16")).lower()
+                                 == "fp16" else "f32",
                                  "activations": "8-bit per-tensor, " + (
                                      "symmetric (unsigned where the input is non-negative)"
                                      if preset_name == "performance" else "asymmetric")}

@@ -111,6 +111,7 @@ def test_target_contract(converted: dict[str, Any], probe: dict[str, Any], train
         if target == "openvino":
             q = m["quantization"]
             assert (q["activation_range"], q["fast_bias_correction"]) == ("minmax", False)
+            assert (q["ir"], q["unquantised_constants"]) == ("fp16", "f16")
         assert m["size"]["size_bytes"] < converted["artifacts"][(target, "fp32")].manifest["size"]["size_bytes"]
     if target == "openvino":
         assert m["runtime_options"]["inference_precision"] == {"bf16": "bf16"}.get(precision, "f32")
