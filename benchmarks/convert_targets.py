@@ -353,6 +353,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "onnx calib entropy": ("onnx", {"calib_method": "entropy"}),
     "onnx float head": ("onnx", {"float_head": True}),
     "openvino preset mixed": ("openvino", {"nncf_preset": "mixed"}),
+    "openvino f32 IR (f32 biases)": ("openvino", {"openvino_int8_ir": "fp32"}),
     "openvino float head": ("openvino", {"float_head": True}),
     "openvino NNCF mean-min/max ranges, fast bias correction (NNCF's own defaults)": (
         "openvino", {"nncf_activation_range": "mean_minmax", "nncf_fast_bias_correction": True}),

@@ -609,7 +609,7 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
              ct_dir: str | Path | None, ct_csv: str | Path | None, verify_n: int | None,
              min_agreement: float, no_verify: bool, allow_overlap: bool, unsafe: bool, overwrite: bool,
              threads: int | None, command: str,
-             opts: dict[str, Any], calibrated: frozenset[str], given: frozenset[str] = frozenset()) -> list[Artifact]:
+             opts: dict[str, Any], calibrated: frozenset[str], given: frozenset[str]) -> list[Artifact]:
     from edgebrain.converters.base import BuildContext, ConversionError, file_sizes
     from edgebrain.converters.source import load_source
 
