@@ -26,6 +26,8 @@ def steps(data: str) -> list[list[str]]:
     py = sys.executable
     return [
         [py, "benchmarks/convert_targets.py", "--model", LITE, "--data", data, "--out", "artifacts/bench-convert"],
+        [py, "benchmarks/convert_targets.py", "--model", LITE, "--data", data, "--out", "artifacts/bench-convert",
+         "--skip-dense", "--prune", "0.5", "--prune-cluster", "16", "--prune-targets", "tflite,onnx,openvino"],
         [py, "benchmarks/convert_targets.py", "--model", FULL.rsplit("/", 1)[0], "--data", data, "--out",
          "artifacts/bench-convert-w05", "--precisions", "fp32,int8", "--skip-prune"],
         [py, "benchmarks/int8_search.py", "--model", LITE, "--data", data, "--out", "artifacts/int8-search-lite"],
