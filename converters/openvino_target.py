@@ -10,7 +10,8 @@
   float until the accuracy drop is within ``max_drop``). By default NNCF quantises the
   FP16-compressed IR, as OpenVINO's own converter saves it by default: the weights become
   int8, the constants NNCF leaves unquantised (biases) stay FP16, and the per-channel
-  dequantisation scales f32 (OpenVINO keeps those f32 on purpose). ``openvino_int8_ir="fp32"`` quantises the f32 IR instead (f32 biases).
+  dequantisation scales f32 (OpenVINO keeps those f32 on purpose). ``openvino_int8_ir="fp32"``
+  quantises the f32 IR instead (f32 biases).
 
 ``runtime_options.inference_precision`` is written to the manifest; the edge runner
 (edgebrain.runtime.OpenVINORunner) applies it.
