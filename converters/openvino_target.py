@@ -7,11 +7,12 @@
   ``openvino_fp16_compute`` says f16 (x86 CPUs without AVX512-FP16 map f16 to bf16);
 * int8: ``nncf.quantize`` on the calibration set, or, with ``max_drop``,
   ``nncf.quantize_with_accuracy_control`` on the validation split (layers are reverted to
-  float until the accuracy drop is within ``max_drop``). By default NNCF quantises the
-  FP16-compressed IR, as OpenVINO's own converter saves it by default: the weights become
-  int8, the constants NNCF leaves unquantised (biases) stay FP16, and the per-channel
-  dequantisation scales f32 (OpenVINO keeps those f32 on purpose). ``openvino_int8_ir="fp32"``
-  quantises the f32 IR instead (f32 biases).
+  float until the accuracy drop is within ``max_drop``). Unless layers stay float, NNCF
+  quantises the FP16-compressed IR, as OpenVINO's own converter saves it by default: the
+  weights become int8, the constants NNCF leaves unquantised (biases) stay FP16, and the
+  per-channel dequantisation scales f32 (OpenVINO keeps those f32 on purpose). With accuracy
+  control, a float head or float scopes it quantises the f32 IR, so layers kept or reverted to
+  float keep f32 weights (``openvino_int8_ir`` fp16 / fp32 chooses explicitly).
 
 ``runtime_options.inference_precision`` is written to the manifest; the edge runner
 (edgebrain.runtime.OpenVINORunner) applies it.
@@ -37,6 +38,18 @@ NON_COMPUTE = {"Input", "Parameter", "Output", "Result", "Const", "Constant", "R
 LAYOUT = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Concatenation", "Split"}
 BOUNDARY = {"FakeQuantize"}  # (de)quantisation at the edges of int8 regions
 QUANT_PRECISIONS = {"i8", "u8", "i4", "u4"}
+
+
+def constant_bytes(xml: Path) -> dict[str, int]:
+    """Bytes of the IR's constants by element type (``i8``, ``f16``, ``f32``, ...)."""
+    import openvino as ov
+
+    out: Counter[str] = Counter()
+    for op in ov.Core().read_model(str(xml)).get_ops():
+        if op.get_type_name() == "Constant":
+            et = op.get_element_type()
+            out[et.get_type_name()] += int(np.prod(op.get_output_shape(0), dtype=np.int64)) * et.size
+    return dict(sorted(out.items()))
 
 
 def openvino_ops(xml: Path, inference_precision: str = "f32") -> dict[str, Any]:
@@ -103,7 +116,7 @@ class OpenVINOTarget(Target):
         "float_head": False,
         "nncf_fast_bias_correction": False,
         "nncf_activation_range": "minmax",
-        "openvino_int8_ir": "fp16",
+        "openvino_int8_ir": "auto",
     }
     option_help = {
         "openvino_from": "what convert_model reads: onnx (the tf2onnx export / ONNX source) or saved_model",
@@ -119,7 +132,8 @@ class OpenVINOTarget(Target):
                                  "largest maximum seen, as TFLite and onnxruntime MinMax do) or mean_minmax "
                                  "(NNCF's own default: per-image extremes averaged, which clips outliers)",
         "openvino_int8_ir": "the IR NNCF quantises: fp16 (weights compressed to FP16 first, as openvino's "
-                            "converter saves them; the biases stay FP16 in the int8 IR) or fp32",
+                            "converter saves them; the biases stay FP16 in the int8 IR) or fp32; auto: fp16 "
+                            "unless layers stay float (accuracy control, float head, float scopes), then fp32",
     }
 
     # ------------------------------------------------------------------ IR
@@ -185,12 +199,18 @@ class OpenVINOTarget(Target):
             runtime = {"inference_precision": compute}
             quant = {"scheme": "fp16-compressed weights", "compute": compute}
         elif precision == "int8":
-            model = self._int8_base(ctx, model)
+            ir, why = self._int8_ir(ctx)
+            model = self._int8_base(ctx, model, ir)
             model, quant, calib_block, warn = self._int8(ctx, model)
+            quant.update({"ir": ir, "ir_reason": why})
             warnings += warn
         else:  # pragma: no cover - guarded by unsupported()
             raise ConversionError(f"openvino: unsupported precision {precision}")
         ov.save_model(model, str(xml), compress_to_fp16=compress)
+        if precision == "int8" and quant is not None:  # measured in the saved IR, not assumed
+            cb = constant_bytes(xml)
+            quant["constant_bytes"] = cb
+            quant["unquantised_constants"] = "f16" if cb.get("f16") else "f32"
         ops = openvino_ops(xml, runtime["inference_precision"])
         if precision == "int8" and ops["float_ops"]:
             warnings.append(f"{ops['float_ops']} op(s) run in float: {', '.join(ops['float_op_types'])}")
@@ -198,20 +218,39 @@ class OpenVINOTarget(Target):
                      runtime_options=runtime, warnings=warnings, files=[MODEL_FILE, WEIGHTS_FILE])
 
     @staticmethod
-    def _int8_base(ctx: BuildContext, model: Any) -> Any:
-        """The IR NNCF quantises: with ``openvino_int8_ir="fp16"`` (default) the FP16-compressed
-        IR that ``openvino.save_model`` writes by default, read back."""
+    def _int8_ir(ctx: BuildContext) -> tuple[str, str]:
+        """Which IR NNCF quantises, and why: ``(fp16|fp32, reason)``."""
+        o = ctx.options
+        ir = str(o.get("openvino_int8_ir") or "auto").lower()
+        if ir not in ("auto", "fp16", "fp32"):
+            raise ConversionError(f"--openvino-int8-ir must be fp16 or fp32, got {ir!r}")
+        if ir != "auto":
+            return ir, "chosen"
+        if o.get("max_drop") is not None:
+            return "fp32", ("accuracy control: layers it reverts to float keep f32 weights, and the drop is "
+                            "measured against the f32 model")
+        if o.get("float_head") or ctx.float_scopes or ctx.float_stages:
+            return "fp32", "layers kept float keep f32 weights"
+        return "fp16", "default: the FP16-compressed IR, as openvino.save_model writes it"
+
+    @staticmethod
+    def _int8_base(ctx: BuildContext, model: Any, ir: str) -> Any:
+        """The model NNCF quantises: for ``fp16`` the FP16-compressed IR that
+        ``openvino.save_model`` writes by default, read back from a folder of its own (OpenVINO
+        memory-maps the weights it reads, so the file must not be reused)."""
+        import tempfile
+
         import openvino as ov
 
-        base = str(ctx.options.get("openvino_int8_ir", "fp16")).lower()
-        if base not in ("fp16", "fp32"):
-            raise ConversionError(f"--openvino-int8-ir must be fp16 or fp32, got {base!r}")
-        if base == "fp32":
+        if ir == "fp32":
             return model
-        d = Path(ctx.workdir) / "openvino-fp16-ir"
-        d.mkdir(parents=True, exist_ok=True)
-        ov.save_model(model, str(d / MODEL_FILE), compress_to_fp16=True)
-        return ov.Core().read_model(str(d / MODEL_FILE))
+        d = Path(tempfile.mkdtemp(prefix="openvino-fp16-ir-", dir=ctx.workdir))
+        try:
+            ov.save_model(model, str(d / MODEL_FILE), compress_to_fp16=True)
+            return ov.Core().read_model(str(d / MODEL_FILE))
+        except Exception as exc:
+            raise ConversionError(f"{ctx.source.path}: FP16 compression of the IR failed "
+                                  f"({type(exc).__name__}: {exc})") from exc
 
     def _int8(self, ctx: BuildContext, model: Any) -> tuple[Any, dict[str, Any], dict[str, Any], list[str]]:
         import logging
@@ -250,9 +289,6 @@ class OpenVINOTarget(Target):
                                  "float_head": float_head,
                                  "float_stages": list(ctx.float_stages), "float_scopes": list(ctx.float_scopes),
                                  "weights": "int8 per-channel (symmetric)",
-                                 "ir": str(o.get("openvino_int8_ir", "fp16")).lower(),
-                                 "unquantised_constants": "f16" if str(o.get("openvino_int8_ir", "fp16")).lower()
-                                 == "fp16" else "f32",
                                  "activations": "8-bit per-tensor, " + (
                                      "symmetric (unsigned where the input is non-negative)"
                                      if preset_name == "performance" else "asymmetric")}

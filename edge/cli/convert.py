@@ -120,9 +120,10 @@ def _command_line() -> str | None:
               help="NNCF activation ranges: minmax (default; extremes over the calibration set) or "
                    "mean_minmax (NNCF's own default: per-image extremes averaged).")
 @click.option("--openvino-int8-ir", type=click.Choice(["fp16", "fp32"]), default=None,
-              help="OpenVINO int8: the IR NNCF quantises. fp16 (default): weights compressed to FP16 first, as "
+              help="OpenVINO int8: the IR NNCF quantises. fp16: weights compressed to FP16 first, as "
                    "openvino's converter saves them, so the biases stay FP16 in the int8 IR (smaller file, "
-                   "same int8 kernels); fp32: f32 biases.")
+                   "same int8 kernels); fp32: f32 biases. Default: fp16, but fp32 when layers stay float "
+                   "(--max-drop, --float-head, float scopes), so they keep f32 weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def command(model: Path, targets: str, precisions: str, out: Path, as_json: bool, **kw: Any) -> None:
     """Convert MODEL (a model folder or .keras/.h5/SavedModel from `edgebrain train`, a Keras 3

@@ -149,6 +149,10 @@ def test_options_selective_qdq_entropy_and_accuracy_control(trained_small: Path,
         # that layer runs in float (OpenVINO's accuracy control may have reverted more)
         n_float = m["ops"]["op_counts"]["float"].get(conv, 0)
         assert n_float == 1 if target != "openvino" else n_float >= 1, m["ops"]
+    # layers kept or reverted to float keep f32 weights: OpenVINO quantises the f32 IR here
+    q = by["openvino"]["quantization"]
+    assert (q["ir"], q["unquantised_constants"]) == ("fp32", "f32") and q["ir_reason"].startswith("accuracy control")
+    assert not q["constant_bytes"].get("f16")
     assert by["tflite"]["calibration"]["method"] == "minmax" and any("entropy" in w for w in by["tflite"]["warnings"])
     q = by["onnx"]["quantization"]
     assert (q["format"], q["activations"].split()[0]) == ("qdq", "s8")

@@ -39,10 +39,12 @@ def test_int8_quantises_the_fp16_compressed_ir_by_default(trained_small: Path, t
     assert (q16["ir"], q16["unquantised_constants"]) == ("fp16", "f16")
     assert (q32["ir"], q32["unquantised_constants"]) == ("fp32", "f32")
 
+    assert q16["ir_reason"].startswith("default") and q32["ir_reason"] == "chosen"
     c16, c32 = _constant_bytes(a16.path / "model.xml"), _constant_bytes(a32.path / "model.xml")
-    assert c16["i8"] == c32["i8"] > 0  # the same int8 weights
+    assert q16["constant_bytes"] == dict(c16) and q32["constant_bytes"] == dict(c32)  # measured, not assumed
+    assert c16["i8"] == c32["i8"] > 0  # as many int8 weight bytes
     assert c16["f16"] > 0 and c32["f16"] == 0  # biases f16 / f32
-    assert c32["f32"] - c16["f32"] == 2 * c16["f16"]
+    assert c32["f32"] - c16["f32"] >= c16["f16"]  # the f16 constants take half the bytes they did as f32
     bin16, bin32 = (a16.path / "model.bin").stat().st_size, (a32.path / "model.bin").stat().st_size
     assert bin32 - bin16 >= c16["f16"] - 64, (bin16, bin32)
     # what the CPU runs is the same: int8 convolutions, nothing else in float
@@ -54,4 +56,4 @@ def test_int8_quantises_the_fp16_compressed_ir_by_default(trained_small: Path, t
     # benchmarks/convert_targets.py)
     v16, v32 = a16.manifest["verification"], a32.manifest["verification"]
     assert v16["passed"] and v32["passed"]
-    assert v16["mean_abs_dp"] <= 1.5 * v32["mean_abs_dp"], (v16, v32)
+    assert v16["mean_abs_dp"] <= v32["mean_abs_dp"] + 0.01, (v16, v32)
