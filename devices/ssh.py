@@ -31,9 +31,31 @@ class SSHError(DeviceError):
 
 _USER_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]*$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9._:%-]+$")
-_FORBIDDEN_OPTIONS = {"stricthostkeychecking", "batchmode", "passwordauthentication",
-                      "kbdinteractiveauthentication", "challengeresponseauthentication", "permitlocalcommand",
-                      "localcommand"}
+# ``--ssh-option`` takes only options that cannot weaken host key checking or make authentication
+# interactive (an allowlist: ssh has several ways to trust any key, e.g. KnownHostsCommand).
+_ALLOWED_OPTIONS = {
+    "proxyjump", "serveraliveinterval", "serveralivecountmax", "tcpkeepalive", "compression",
+    "connectionattempts", "addressfamily", "ipqos", "ciphers", "macs", "kexalgorithms",
+    "hostkeyalgorithms", "pubkeyacceptedalgorithms", "pubkeyacceptedkeytypes", "hostkeyalias",
+    "identityagent", "certificatefile", "preferredauthentications", "rekeylimit",
+}
+_OPTION_RE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9]*)\s*(?:=|\s)\s*(\S.*)$")
+
+
+def check_ssh_option(opt: str) -> str:
+    """Return ``Key=Value`` for an allowed ``--ssh-option``; DeviceError for anything else."""
+    m = _OPTION_RE.match(opt)
+    if not m:
+        raise DeviceError(f"--ssh-option {opt!r}: expected Key=Value (e.g. ProxyJump=gw)")
+    key, val = m.group(1), m.group(2).strip()
+    if key.lower() not in _ALLOWED_OPTIONS:
+        allowed = ", ".join(sorted(_ALLOWED_OPTIONS))
+        raise DeviceError(f"--ssh-option {opt!r} is not allowed: host key checking stays strict and "
+                          f"authentication stays non-interactive (keys only). Allowed options: {allowed}")
+    if key.lower() == "preferredauthentications" and any(
+            a.strip().lower() in ("password", "keyboard-interactive") for a in val.split(",")):
+        raise DeviceError(f"--ssh-option {opt!r}: passwords are never used (key authentication only)")
+    return f"{key}={val}"
 
 
 @dataclass(frozen=True)
@@ -111,14 +133,7 @@ class SSHTransport:
         self.identity = str(identity) if identity else None
         self.known_hosts = str(known_hosts) if known_hosts else None
         self.connect_timeout = int(connect_timeout)
-        self.options = list(options)
-        for opt in self.options:
-            key, _, val = opt.partition("=")
-            if key.strip().lower() in _FORBIDDEN_OPTIONS:
-                raise DeviceError(f"--ssh-option {opt!r} is not allowed: host key checking stays strict and "
-                                  "authentication stays non-interactive (keys only)")
-            if key.strip().lower() == "userknownhostsfile" and val.strip() in ("/dev/null", "none"):
-                raise DeviceError(f"--ssh-option {opt!r} would disable host key checking; refused")
+        self.options = [check_ssh_option(opt) for opt in options]
         if self.identity and not Path(self.identity).is_file():
             raise DeviceError(f"--ssh-identity: no such file {self.identity}")
         if self.known_hosts and not Path(self.known_hosts).is_file():

@@ -64,12 +64,16 @@ def test_ssh_urls_refuse_passwords_and_junk() -> None:
 def test_ssh_options_cannot_weaken_host_key_checking() -> None:
     addr = parse_ssh_url("ssh://pi@127.0.0.1:2222")
     for opt in ("StrictHostKeyChecking=no", "stricthostkeychecking=accept-new", "UserKnownHostsFile=/dev/null",
-                "BatchMode=no", "PasswordAuthentication=yes"):
+                "UserKnownHostsFile /dev/null", "GlobalKnownHostsFile=/tmp/x", "BatchMode=no",
+                "PasswordAuthentication=yes", "KnownHostsCommand=/usr/bin/ssh-keyscan -p %p %H",
+                "KnownHostsCommand /usr/bin/ssh-keyscan %H", "VerifyHostKeyDNS=yes", "UpdateHostKeys=yes",
+                "LocalCommand=x", "PreferredAuthentications=publickey,password", "ProxyJump", "=gw"):
         with pytest.raises(DeviceError):
             SSHTransport(addr, options=[opt])
-    t = SSHTransport(addr, options=["ProxyJump=gw"])
+    t = SSHTransport(addr, options=["ProxyJump=gw", "ServerAliveInterval 15"])
     argv = t.ssh_argv("true")
     assert "StrictHostKeyChecking=yes" in argv and "BatchMode=yes" in argv
+    assert "ProxyJump=gw" in argv and "ServerAliveInterval=15" in argv
     assert argv[argv.index("--") + 1] == "pi@127.0.0.1"
 
 
