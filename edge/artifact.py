@@ -71,10 +71,29 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
+# Files a copy between machines may add (Finder, Explorer); never read by a runtime.
+_OS_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+
+
 def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """Every listed file present with its sha256, the model file's hash equal to the recorded
+    ``artifact_sha256``, and no file in the folder that the manifest does not list (a runtime could
+    read it: OpenVINO weights, ONNX external data)."""
     files = manifest.get("files")
     if not files:
         raise IntegrityError(f"{folder}: manifest lists no file hashes")
+    model_file = manifest.get("model_file")
+    if model_file not in files:
+        raise IntegrityError(f"{folder}: the manifest does not list a hash for its model file {model_file!r}")
+    if "artifact_sha256" in manifest and manifest["artifact_sha256"] != files[model_file]:
+        raise IntegrityError(f"{folder}: the manifest's artifact_sha256 differs from the hash it lists for "
+                             f"{model_file}: the manifest was edited; refusing to use it")
+    unlisted = [p.relative_to(folder).as_posix() for p in sorted(Path(folder).rglob("*"))
+                if p.is_file() and p.name != MANIFEST and p.name not in _OS_FILES and not p.name.startswith("._")
+                and p.relative_to(folder).as_posix() not in files]
+    if unlisted:
+        raise IntegrityError(f"{folder}: {', '.join(unlisted[:5])} {'is' if len(unlisted) == 1 else 'are'} not in "
+                             "the manifest (added after conversion); remove it or convert again")
     for rel, want in files.items():
         p = folder / rel
         if not p.is_file():

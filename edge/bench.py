@@ -569,7 +569,7 @@ def _run_remote(items: Sequence[Item], dev: Any, opts: BenchOptions, samples: Se
                 data = json.dumps(job).encode()
                 _tar_bytes(tar, jf, data)
                 jobs.append(jf)
-            _tar_bytes(tar, "jobs.json", json.dumps(jobs).encode())
+            _tar_bytes(tar, "jobs.json", json.dumps({"jobs": jobs, "timeout": opts.job_timeout}).encode())
         zpath = build_runtime_zip(tdp / "edgebrain.zip")
         rdir = tr.mkdtemp("edgebrain-bench")
         try:
@@ -578,10 +578,13 @@ def _run_remote(items: Sequence[Item], dev: Any, opts: BenchOptions, samples: Se
             tr.put([zpath, bundle], rdir)
             q = shlex.quote
             cmd = (f"cd {q(rdir)} && PYTHONPATH={q(rdir + '/edgebrain.zip')} EDGEBRAIN_QUIET=1 "
-                   f"{q(ssh.remote_python)} -m edgebrain.remote run-bundle job.tar {q(rdir)} "
-                   f"{q(rdir + '/results.json')}")
+                   f"EDGEBRAIN_PROGRESS=lines {q(ssh.remote_python)} -m edgebrain.remote run-bundle job.tar "
+                   f"{q(rdir)} {q(rdir + '/results.json')}")
+            # --timeout bounds each model on the device; the whole ssh call gets that per model plus
+            # ten minutes for the copy, the unpacking and the device's start-up.
+            total = None if opts.job_timeout is None else opts.job_timeout * len(runnable) + 600
             try:
-                tr.run(cmd, stream_stderr=True)
+                tr.run(cmd, stream_stderr=True, timeout=total)
             except SSHError as exc:
                 msg = str(exc)
                 if "No module named" in msg:

@@ -265,6 +265,29 @@ def test_a_modified_artifact_is_refused(arts: dict[str, Path], data_dir: Path, t
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
 
 
+def test_an_edited_manifest_or_an_added_file_is_refused(arts: dict[str, Path], tmp_path: Path) -> None:
+    from edgebrain.artifact import load_manifest
+
+    load_manifest(arts["tflite-fp32"])  # the untouched artifact loads
+    edited = tmp_path / "edited"
+    shutil.copytree(arts["tflite-fp32"], edited)
+    m = json.loads((edited / "manifest.json").read_text())
+    (edited / "manifest.json").write_text(json.dumps({**m, "artifact_sha256": "0" * 64}))
+    with pytest.raises(IntegrityError, match="artifact_sha256 differs"):
+        load_manifest(edited)
+    (edited / "manifest.json").write_text(json.dumps({**m, "files": {}}))
+    with pytest.raises(IntegrityError, match="no file hashes"):
+        load_manifest(edited)
+    added = tmp_path / "added"
+    shutil.copytree(arts["tflite-fp32"], added)
+    (added / "model.bin").write_bytes(b"weights from elsewhere")
+    with pytest.raises(IntegrityError, match="model.bin is not in the manifest"):
+        load_manifest(added)
+    (added / "model.bin").unlink()
+    (added / ".DS_Store").write_bytes(b"\0")  # what a copy from a Mac adds: harmless, allowed
+    load_manifest(added)
+
+
 def _rewrite(src: Path, dst: Path, **changes: Any) -> Path:
     """A copy of an artifact with manifest changes, re-hashed (a consistent, different artifact)."""
     shutil.copytree(src, dst)
