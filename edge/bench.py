@@ -393,6 +393,11 @@ class KerasRunner:
             except Exception:
                 self.gpu_names.append(g.name)
         self._place = "/GPU:0" if gpus else "/CPU:0"
+        # TensorFlow runs float32 matmuls and convolutions in TF32 on Ampere and newer GPUs by default
+        # (10-bit mantissa): not an FP32 reference. Turned off everywhere, and recorded.
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+        self.inference_precision = "f32"
+        self.tf32 = bool(tf.config.experimental.tensor_float_32_execution_enabled())
         from .models import load_keras_model
 
         with tf.device(self._place):
@@ -444,7 +449,7 @@ def _keras_job(job: dict[str, Any], base: Path) -> dict[str, Any]:
 
     res = measure(job, make, spec, base)
     r = holder["r"]
-    res.update({"threads": threads, "cpus": cpus, "runtime_options": {"placement": r._place},
+    res.update({"threads": threads, "cpus": cpus, "runtime_options": {"placement": r._place, "tf32": r.tf32},
                 "visible_gpus": r.visible_gpus, "tensorflow_imported": True})
     return res
 

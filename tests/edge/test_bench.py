@@ -96,6 +96,8 @@ def test_reference_ran_in_tensorflow_and_says_where(main_run: tuple[dict[str, An
     if not tf.config.list_physical_devices("GPU"):
         assert ref["device"]["ran_on"].startswith("CPU") and "GPU" not in ref["device"]["ran_on"]
         assert ref["device"]["visible_gpus"] == []
+    # FP32 means FP32: never TF32 (TensorFlow's default on Ampere+ GPUs), and recorded.
+    assert ref["device"]["runtime_options"]["tf32"] is False and ref["device"]["execution_precision"] == "f32"
     # Recompute the reference's accuracy in this process, on the same images.
     card = ModelCard.find(trained_small / "model.keras")
     ds = D.scan(data_dir)
