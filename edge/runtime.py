@@ -186,8 +186,15 @@ class OpenVINORunner:
         self.compiled = core.compile_model(model, device, cfg)
         self.request = self.compiled.create_infer_request()
         self.name = f"openvino {ov.__version__}"
-        self.device = device
-        self.inference_precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        # Where it really runs (AUTO / MULTI pick a device): OpenVINO's own answer, else the request.
+        try:
+            self.device = ",".join(str(d) for d in self.compiled.get_property("EXECUTION_DEVICES")) or device
+        except Exception:  # noqa: BLE001 - older plugins lack the property
+            self.device = device
+        try:
+            self.inference_precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        except Exception:  # noqa: BLE001 - AUTO does not expose it
+            self.inference_precision = None
 
     def bind(self, x: np.ndarray) -> Callable[[], Any]:
         import openvino as ov
