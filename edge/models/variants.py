@@ -32,6 +32,7 @@ which is also what loads ImageNet weights.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,6 +437,10 @@ def load_keras_model(path: str | Path, unsafe: bool = False) -> Any:
                 raise ModelError(f"{p}: contains a Lambda layer (arbitrary code); refusing without --unsafe")
             return K.models.load_model(p, compile=False)
         if p.is_dir():
+            # tf-keras applies safe_mode to .keras archives only: a SavedModel's Lambda layers would
+            # be rebuilt from their pickled bytecode. Refused here, as for .h5.
+            if not unsafe and _savedmodel_has_lambda(p):
+                raise ModelError(f"{p}: contains a Lambda layer (arbitrary code); refusing without --unsafe")
             return K.models.load_model(p, compile=False)
     except ModelError:
         raise
@@ -458,7 +463,18 @@ def _h5_has_lambda(p: Path) -> bool:
         return False
     if isinstance(cfg, bytes):
         cfg = cfg.decode()
-    return '"class_name": "Lambda"' in cfg
+    return _LAMBDA_RE.search(cfg) is not None
+
+
+_LAMBDA_RE = re.compile(r'"class_name"\s*:\s*"Lambda"')
+
+
+def _savedmodel_has_lambda(p: Path) -> bool:
+    """Keras layer configs of a SavedModel folder (JSON strings inside keras_metadata.pb)."""
+    meta = p / "keras_metadata.pb"
+    if not meta.is_file():
+        return False  # not a Keras SavedModel: tf-keras cannot rebuild layers from it anyway
+    return _LAMBDA_RE.search(meta.read_bytes().decode("utf-8", "replace")) is not None
 
 
 def count_params(model: Any) -> dict[str, int]:

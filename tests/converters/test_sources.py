@@ -92,6 +92,28 @@ def test_keras3_lambda_refused_unless_unsafe(tmp_path: Path) -> None:
     assert src.format == "keras3"
 
 
+def test_tf_keras_lambda_refused_in_every_format_unless_unsafe(tmp_path: Path) -> None:
+    """.keras, .h5 and SavedModel folders: tf-keras's safe_mode covers only the first."""
+    from edgebrain.models import load_keras_model
+    from edgebrain.tfenv import keras as tfk
+
+    K = tfk()
+    inp = K.Input((8, 8, 3))
+    out = K.layers.Dense(4, activation="softmax")(K.layers.GlobalAveragePooling2D()(
+        K.layers.Lambda(lambda t: t * 2.0)(inp)))
+    model = K.Model(inp, out)
+    paths = [tmp_path / "lam.keras", tmp_path / "lam.h5", tmp_path / "lam_savedmodel"]
+    model.save(paths[0])
+    model.save(paths[1])
+    model.save(paths[2], save_format="tf")
+    x = np.random.default_rng(0).random((2, 8, 8, 3), np.float32)
+    for p in paths:
+        with pytest.raises(ModelError, match="Lambda|unsafe"):
+            load_keras_model(p)
+        loaded = load_keras_model(p, unsafe=True)
+        np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+
+
 def test_onnx_nchw_source(tmp_path: Path, data_dir: Path, cache_env: Path) -> None:
     import onnxruntime as ort
 
