@@ -707,6 +707,12 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
                     or (int8_search and vs.split == "val" and j.target.int8_candidates_for(ctx))):
                 built, build, chosen = _int8_choose(j, ctx, built, build, work, vs, int8_fallback_below,
                                                     int8_search, threads, src)
+            if j.precision in ("int8", "int16x8") and built.ops is not None and not built.ops.get("int8_ops"):
+                shutil.rmtree(build, ignore_errors=True)
+                raise EdgebrainError(
+                    f"{j.precision} was asked for but no operation of the converted model runs in integer "
+                    f"(float: {', '.join(built.ops.get('float_op_types') or []) or '?'}); an artifact "
+                    f"labelled {j.precision} that computes in float is not written")
         except Exception as exc:  # one target failing never stops the others
             msg = str(exc) if isinstance(exc, EdgebrainError) else f"{type(exc).__name__}: {exc}"
             failed.append({"target": j.target.name, "precision": j.precision, "error": msg})

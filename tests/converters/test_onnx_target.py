@@ -100,3 +100,15 @@ def test_float_logits_default(data_dir: Path, tmp_path: Path, cache_env: Path) -
     assert not any(t in ("MatMul", "Gemm") for t in ops_8.values())
     assert m8["quantization"]["nodes_excluded"] == []
     assert m8["ops"]["int8_ops"] - mf["ops"]["int8_ops"] == 2  # QLinearMatMul + QLinearAdd (its bias)
+
+
+def test_an_int8_artifact_with_no_int8_op_is_not_written(tiny_model: Path, data_dir: Path, tmp_path: Path,
+                                                        cache_env: Path) -> None:
+    """Keeping every node float (here: a --keep-float scope every node name contains) leaves
+    nothing in int8: that is refused, not written as an "int8" artifact."""
+    from edgebrain.convert import ConvertFailed, convert
+
+    with pytest.raises(ConvertFailed, match="no operation of the converted model runs in integer"):
+        convert(tiny_model, ["onnx"], ["int8"], tmp_path / "o", data=data_dir, verify_n=8, calib_size=8,
+                keep_float="resnet50_lite", int8_search=False, int8_fallback_below=None)
+    assert not (tmp_path / "o" / "onnx-int8").exists()
