@@ -173,6 +173,18 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
                      "folder or .onnx")
 
 
+def load_keras(path: str | Path, unsafe: bool = False) -> tuple[str, Any]:
+    """A tf-keras or Keras 3 model file/folder -> (format, model), safe mode unless ``unsafe``."""
+    fmt, p = detect_format(path)
+    if fmt == "keras3":
+        return fmt, _load_keras3(p, unsafe)
+    if fmt == "tf-keras":
+        from edgebrain.models import load_keras_model
+
+        return fmt, load_keras_model(p, unsafe=unsafe)
+    raise ModelError(f"{path}: an ONNX model, not a Keras model")
+
+
 def _load_keras3(p: Path, unsafe: bool) -> Any:
     from edgebrain.tfenv import import_tf
 

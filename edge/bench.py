@@ -269,8 +269,10 @@ def resolve_item(path: str | Path, preprocess: str | None = None, classes: Seque
         if not names:
             raise BenchError(f"{p}: no model_card.json beside it: give --classes")
         files = [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
+        from .converters.source import detect_format
+
         return Item(p, "keras", p.stem if p.is_file() else p.name, "tensorflow", "fp32", spec, names,
-                    sha256_path(p), files, source={"path": str(p), "format": "tf-keras"})
+                    sha256_path(p), files, source={"path": str(p), "format": detect_format(p)[0]})
     raise BenchError(f"{p}: not an artifact folder (no {MANIFEST}), nor a .tflite/.onnx/.xml/.keras/.h5 file")
 
 
@@ -398,10 +400,10 @@ class KerasRunner:
         tf.config.experimental.enable_tensor_float_32_execution(False)
         self.inference_precision = "f32"
         self.tf32 = bool(tf.config.experimental.tensor_float_32_execution_enabled())
-        from .models import load_keras_model
+        from .converters.source import load_keras
 
         with tf.device(self._place):
-            self.model = load_keras_model(model_path, unsafe=unsafe)
+            self.format, self.model = load_keras(model_path, unsafe=unsafe)  # tf-keras or Keras 3
         model = self.model
 
         @tf.function(reduce_retracing=True)

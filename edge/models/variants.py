@@ -450,7 +450,10 @@ def load_keras_model(path: str | Path, unsafe: bool = False) -> Any:
                              "Re-run with --unsafe only if you trust the file.") from exc
         raise ModelError(f"{p}: cannot load as a tf-keras model: {exc}") from exc
     except Exception as exc:
-        raise ModelError(f"{p}: cannot load as a tf-keras model ({type(exc).__name__}: {exc})") from exc
+        msg = str(exc)
+        msg = msg if len(msg) <= 600 else msg[:600] + " …"  # Keras puts the whole model config in some errors
+        hint = " (a Keras 3 file? edgebrain convert/bench read those too)" if "keras.src" in msg else ""
+        raise ModelError(f"{p}: cannot load as a tf-keras model ({type(exc).__name__}: {msg}){hint}") from exc
     raise ModelError(f"{p}: unsupported model file (expected .keras, .h5 or a SavedModel folder)")
 
 

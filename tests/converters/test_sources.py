@@ -75,6 +75,17 @@ def test_keras3_nested_model_without_card(tmp_path: Path, data_dir: Path, cache_
         assert m["verification"]["passed"] and m["verification"]["split"] == "val"
         assert m["verification"]["max_abs_dp"] < 1e-3
 
+    # bench finds the Keras 3 source from the manifests and runs it as the reference: no flag repeated
+    from edgebrain.bench import BenchOptions, bench
+
+    onnx_art = next(a for a in arts if a.target == "onnx")
+    doc = bench([onnx_art.path], data_dir, out=tmp_path / "bench", per_class=2,
+                options=BenchOptions(warmup=1, min_runs=3, min_seconds=0.05, throughput_min_runs=1,
+                                     throughput_min_seconds=0.05, n_boot=100))
+    assert doc["errors"] == []
+    ref, (art_rec,) = doc["reference"], doc["results"]
+    assert ref["target"] == "tensorflow" and ref["n"] == 8 and art_rec["agreement"] == 1.0
+
     # no --preprocess / --classes: still converts, and the manifest says what was assumed
     arts = convert(model, "onnx", "fp32", tmp_path / "out2", verify_n=8)
     m = arts[0].manifest
