@@ -187,6 +187,11 @@ class TFLiteTarget(Target):
         if ctx.float_scopes and precision != "int8":
             warnings.append(f"float stages {ctx.float_stages} are kept float for int8 only; {precision} "
                             "quantises them")
+        if io == "int8" and (float_head or scopes):
+            # selective quantisation keeps float ops, so the model's inputs/outputs are float
+            raise ConversionError("--tflite-io int8 (a fully integer model) cannot keep "
+                                  + ("the classifier head" if float_head else f"ops named *{'*, *'.join(scopes)}*")
+                                  + " float; use --tflite-io float for that")
         try:
             if float_head or float_logits or scopes:
                 blob, logits_nodes = self._selective(tf, c, float_head, scopes, float_logits)

@@ -122,6 +122,12 @@ def test_float_logits_default(data_dir: Path, tmp_path: Path, cache_env: Path) -
     assert q8["quantization"]["float_logits"] is False and q8["ops"]["float_ops"] == 0
     assert io8["quantization"]["float_logits"] is False and io8["ops"]["float_ops"] == 0
     assert fl["ops"]["int8_ops"] == q8["ops"]["int8_ops"] - 2
+    assert io8["quantization"]["io"] == "int8"
+    # int8 model I/O asked for explicitly is never turned into float I/O by keeping layers float
+    from edgebrain.convert import ConvertFailed
+
+    with pytest.raises(ConvertFailed, match="--tflite-io int8 .* cannot keep the classifier head float"):
+        convert(src, "tflite", "int8", tmp_path / "io8-head", tflite_io="int8", float_head=True, **common)
 
 
 @pytest.mark.slow
