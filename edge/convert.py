@@ -763,6 +763,18 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
             except Exception as exc:
                 verification = {"n": int(len(vs.x)), "split": vs.split, "passed": False, "threshold": min_agreement,
                                 "error": f"the artifact did not load or run: {type(exc).__name__}: {exc}"}
+            # How much the figure proves: only the validation split is held-out evidence; calibration
+            # images flatter int8, random pixels test plumbing only.
+            verification["evidence"] = {"val": "validation split", "calib": "calibration images (weak: the int8 "
+                                        "ranges were fitted on them)"}.get(vs.split, "random pixels (weak: "
+                                                                             "plumbing only)")
+            q = built.quantization or {}
+            if q.get("selection") or q.get("fallback"):
+                verification["selected_on_these_images"] = True
+                verification["selection_note"] = (
+                    "the int8 settings were chosen on these same images (best of the builds in "
+                    "quantization.selection / .fallback), so this agreement is optimistic; Testing, which no "
+                    "conversion step sees, is the independent figure (edgebrain bench)")
             if pipe is not None:
                 try:
                     pv = pipe.verify(j.target, build, stage_entries, vs, min_agreement, j.precision, threads)

@@ -92,7 +92,7 @@ def test_keras3_nested_model_without_card(tmp_path: Path, data_dir: Path, cache_
     assert m["preprocess"]["extra"] == {"assumed": True}
     assert any("ASSUMED" in w and "preprocessing" in w for w in m["warnings"])
     assert any("ASSUMED" in w and "class names" in w for w in m["warnings"])
-    assert m["verification"]["split"] == "random-pixels"
+    assert m["verification"]["split"] == "random-pixels" and "weak" in m["verification"]["evidence"]
 
 
 def test_keras3_lambda_refused_unless_unsafe(tmp_path: Path) -> None:

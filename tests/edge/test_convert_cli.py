@@ -222,6 +222,8 @@ def test_int8_search_keeps_the_best_calibration_on_validation(trained_small: Pat
     assert m["calibration"]["method"] == ("percentile" if best is pct else "minmax")
     assert m["verification"]["mean_kl"] == pytest.approx(best["mean_kl"], rel=1e-5)
     assert m["verification"]["top1_agreement"] == pytest.approx(best["top1_agreement"], abs=1e-6)
+    assert m["verification"]["selected_on_these_images"] is True  # the optimism is stated
+    assert m["verification"]["evidence"] == "validation split"
     assert "fallback" not in m["quantization"]
     assert len([p for p in (tmp_path / "s").iterdir() if p.name.startswith("onnx-int8")]) == 1
 
@@ -236,5 +238,6 @@ def test_int8_search_keeps_the_best_calibration_on_validation(trained_small: Pat
     assert res.exit_code == 0, res.output
     off = load_manifest(tmp_path / "off" / "onnx-int8").manifest
     assert "selection" not in off["quantization"] and off["calibration"]["method"] == "minmax"
+    assert "selected_on_these_images" not in off["verification"]  # one build: an unbiased check
     assert off["verification"]["mean_kl"] == pytest.approx(default["mean_kl"], rel=1e-5)
     assert "--no-int8-search" in off["command"]
