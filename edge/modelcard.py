@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ModelError
 from .io import atomic_write_json, read_json
 from .preprocess import PreprocessSpec
 
@@ -64,5 +65,10 @@ class ModelCard:
         p = Path(model_path)
         for cand in ([p / CARD_NAME] if p.is_dir() else []) + [p.parent / CARD_NAME]:
             if cand.is_file():
-                return cls.from_dict(read_json(cand))
+                try:
+                    return cls.from_dict(read_json(cand))
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    what = f"missing {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+                    raise ModelError(f"{cand}: not a valid model card ({what}); fix it, or remove it and give "
+                                     "--preprocess and --classes instead") from exc
         return None

@@ -147,6 +147,14 @@ def test_clear_errors(tmp_path: Path, tiny_model: Path) -> None:
     assert res.exit_code != 0 and "unknown precision" in res.output
     res = _invoke(tiny_model, "--to", "tflite", "--precision", "bf16", "--out", tmp_path / "o")
     assert res.exit_code != 0 and "nothing to convert" in res.output
+    broken = tmp_path / "broken-card"
+    shutil.copytree(tiny_model.parent, broken)
+    card = json.loads((broken / "model_card.json").read_text())
+    del card["class_names"]
+    (broken / "model_card.json").write_text(json.dumps(card))
+    res = _invoke(broken / "model.keras", "--to", "onnx", "--precision", "fp32", "--out", tmp_path / "o")
+    assert res.exit_code != 0 and "model_card.json: not a valid model card (missing 'class_names')" in res.output
+    assert "Traceback" not in res.output
 
 
 class FlakyInt8Target(BrokenTarget):
