@@ -1132,7 +1132,14 @@ def _prune(src: Source, dd: _Data, out: Path, *, prune: float, epochs: int, stru
     va = dd.arrays("val", src.spec.size)
     cfg = PruneConfig(sparsity=float(prune), epochs=int(epochs), lr=float(lr), structured=structured,
                       min_params=int(min_params), clusters=clusters, cluster_epochs=int(cluster_epochs))
-    pruned, rep = prune_model(src.model, cfg, src.spec, len(src.class_names), (tr.x, tr.y), (va.x, va.y))
+    try:
+        pruned, rep = prune_model(src.model, cfg, src.spec, len(src.class_names), (tr.x, tr.y), (va.x, va.y))
+    except EdgebrainError:
+        raise
+    except Exception as exc:  # tfmot / TensorFlow: say which step and which model, not a bare traceback
+        raise EdgebrainError(f"{src.path}: pruning with tensorflow-model-optimization failed "
+                             f"({type(exc).__name__}: {str(exc)[:600]}); convert without --prune to skip "
+                             "pruning") from exc
     folder = out / _pruned_name(prune, structured, clusters)
     with atomic_dir(folder, overwrite=True) as tmp:
         pruned.save(tmp / "model.keras")
