@@ -361,7 +361,7 @@ def build_calibration(
         except Exception:
             x = None
     if x is None:
-        arr = D.load_arrays(chosen, spec.size, use_cache=use_cache, desc="calibration")
+        arr = D.load_arrays(chosen, spec.size, use_cache=use_cache, desc="calibration", resize=spec.resize)
         failed = arr.failed
         samples = arr.samples
         x = spec.apply(arr.x).astype(np.float32) if len(arr.x) else np.zeros((0, *spec.size, 3), np.float32)

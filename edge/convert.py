@@ -148,7 +148,7 @@ class _Data:
         return self._splits
 
     def arrays(self, split: str, size: tuple[int, int], n: int | None = None,
-               per_class: int | None = None, seed: int = 0) -> D.Arrays:
+               per_class: int | None = None, seed: int = 0, resize: str = "bilinear") -> D.Arrays:
         samples = self.splits()[split]
         if self.fusion is not None:
             samples = self._paired(split, samples)
@@ -163,7 +163,7 @@ class _Data:
 
             arr = load_fused_arrays(samples, self.pairing, self.fusion, size, desc=split)
         else:
-            arr = D.load_arrays(samples, size, desc=split)
+            arr = D.load_arrays(samples, size, desc=split, resize=resize)
         for p, r in arr.failed:
             self.warnings.append(f"{split} image skipped: {p}: {r}")
         return arr
@@ -269,7 +269,7 @@ class _VerifySet:
 def _verify_set(src: Source, data: _Data, verify_n: int | None, calib: CalibrationSet | None) -> _VerifySet:
     spec = src.spec
     if data.available:
-        arr = data.arrays("val", spec.size, n=verify_n)
+        arr = data.arrays("val", spec.size, n=verify_n, resize=spec.resize)
         if len(arr.x):
             x = spec.apply(arr.x).astype(np.float32)
             fused = None
@@ -668,7 +668,7 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
 
     def validation() -> tuple[np.ndarray, np.ndarray]:
         if "v" not in val_cache:
-            arr = dd.arrays("val", src.spec.size)
+            arr = dd.arrays("val", src.spec.size, resize=src.spec.resize)
             val_cache["v"] = (src.spec.apply(arr.x).astype(np.float32), arr.y)
         return val_cache["v"]
 
@@ -1128,8 +1128,8 @@ def _prune(src: Source, dd: _Data, out: Path, *, prune: float, epochs: int, stru
                               "pass --data DIR")
     _say(f"pruning to {prune:.0%} sparsity, {epochs} fine-tuning epoch(s)"
          + (f", then {clusters}-cluster sparsity-preserving clustering, {cluster_epochs} epoch(s)" if clusters else ""))
-    tr = dd.arrays("train", src.spec.size, per_class=per_class)
-    va = dd.arrays("val", src.spec.size)
+    tr = dd.arrays("train", src.spec.size, per_class=per_class, resize=src.spec.resize)
+    va = dd.arrays("val", src.spec.size, resize=src.spec.resize)
     cfg = PruneConfig(sparsity=float(prune), epochs=int(epochs), lr=float(lr), structured=structured,
                       min_params=int(min_params), clusters=clusters, cluster_epochs=int(cluster_epochs))
     try:

@@ -284,9 +284,11 @@ class Arrays:
 
 
 def load_arrays(samples: Sequence[Sample], size: tuple[int, int], use_cache: bool = True,
-                desc: str = "decoding") -> Arrays:
-    """Decode samples to uint8 RGB at ``size``. Failures are returned, never hidden."""
-    key = sha256_text(f"{size}|" + "|".join(f"{s.sha256}:{s.rel}" for s in samples))[:24]
+                desc: str = "decoding", resize: str = "bilinear") -> Arrays:
+    """Decode samples to uint8 RGB at ``size`` (resampled with ``resize``, the model card's method).
+    Failures are returned, never hidden."""
+    tag = f"{size}" if resize == "bilinear" else f"{size}:{resize}"
+    key = sha256_text(f"{tag}|" + "|".join(f"{s.sha256}:{s.rel}" for s in samples))[:24]
     cpath = cache_dir() / f"arrays-{key}.npz"
     if use_cache and cpath.is_file():
         try:
@@ -304,7 +306,7 @@ def load_arrays(samples: Sequence[Sample], size: tuple[int, int], use_cache: boo
     failed: list[tuple[str, str]] = []
     for s in track(samples, description=f"{desc} {len(samples)} images @ {size[0]}x{size[1]}"):
         try:
-            xs.append(load_for_model(s.path, size))
+            xs.append(load_for_model(s.path, size, resize))
             kept.append(s)
         except ImageLoadError as exc:
             failed.append((str(s.path), exc.reason))

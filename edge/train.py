@@ -133,7 +133,7 @@ def load_split(samples: Any, spec: PreprocessSpec, desc: str, ct: Any = None, da
 
     fs = fusion_of(spec)
     if fs is None:
-        return D.load_arrays(samples, spec.size, desc=desc)
+        return D.load_arrays(samples, spec.size, desc=desc, resize=spec.resize)
     pairing = _ct_pairing(ct, data_root)
     if pairing is None:
         raise FusionError(f"the model expects fused MRI+CT input ({fs.method}): give the CT images (ct_dir / --ct-dir)")

@@ -111,3 +111,17 @@ def test_missing_dataset_is_a_clear_error(tmp_path: Path) -> None:
         D.scan(tmp_path / "nope")
     res = CliRunner().invoke(cli, ["data", "check", str(tmp_path / "nope")])
     assert res.exit_code != 0 and "not found" in res.output
+
+
+def test_load_arrays_resamples_as_the_model_card_says(dataset: D.Dataset, cache_env: Path) -> None:
+    """The resize method reaches the decoder and the cache keeps the methods apart."""
+    from edgebrain.imageio import load_for_model
+
+    samples = D.subset(dataset.split("Testing"), 1)
+    bil = D.load_arrays(samples, (64, 64))
+    near = D.load_arrays(samples, (64, 64), resize="nearest")
+    near_cached = D.load_arrays(samples, (64, 64), resize="nearest")
+    assert not np.array_equal(bil.x, near.x)
+    np.testing.assert_array_equal(near.x, near_cached.x)
+    np.testing.assert_array_equal(near.x[0], load_for_model(samples[0].path, (64, 64), "nearest"))
+    np.testing.assert_array_equal(bil.x[0], load_for_model(samples[0].path, (64, 64), "bilinear"))
