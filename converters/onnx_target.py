@@ -49,7 +49,9 @@ def onnx_ops(path: Path) -> dict[str, Any]:
     Q/DQ nodes are ``boundary_ops``; pure layout ops (Reshape, Transpose, ...) are ``layout_ops``."""
     import onnx
 
-    g = onnx.load(str(path), load_external_data=False).graph
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     producer = {o: n for n in g.node for o in n.output}
     inits = {i.name for i in g.initializer}
     q: Counter[str] = Counter()
@@ -79,6 +81,7 @@ def onnx_ops(path: Path) -> dict[str, Any]:
         "layout_ops": layout,
         "float_op_types": sorted(f),
         "op_counts": {"quantized": dict(sorted(q.items())), "float": dict(sorted(f.items()))},
+        "opset": opset,
     }
 
 

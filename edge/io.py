@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 TRACKED_PACKAGES = (
-    "edgebrain", "numpy", "pillow", "tensorflow", "tf-keras", "tensorflow-model-optimization",
+    "edgebrain", "numpy", "pillow", "tensorflow", "tf-keras", "keras", "tensorflow-model-optimization",
     "ai-edge-litert", "tflite-runtime", "onnx", "onnxruntime", "tf2onnx", "openvino", "nncf",
     "scikit-learn", "pydicom",
 )

@@ -32,7 +32,7 @@ def _keras3_nested(path: Path, with_lambda: bool = False) -> Path:
     return path
 
 
-def _nchw_onnx(path: Path) -> Path:
+def _nchw_onnx(path: Path, opset: int = 17) -> Path:
     """A small NCHW classifier (Conv -> ReLU -> GAP -> Gemm -> Softmax), as PyTorch exports them."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -51,7 +51,7 @@ def _nchw_onnx(path: Path) -> Path:
     ]
     g = helper.make_graph(nodes, "nchw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], [w, b, fc, fb])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
     onnx.checker.check_model(m)
     onnx.save(m, str(path))
     return path
@@ -142,6 +142,10 @@ def test_onnx_nchw_source(tmp_path: Path, data_dir: Path, cache_env: Path) -> No
     ref = ort.InferenceSession(str(model)).run(None, {"x": x.transpose(0, 3, 1, 2)})[0]
     ref = np.exp(ref - ref.max(1, keepdims=True))
     ref /= ref.sum(1, keepdims=True)
+    assert {a.manifest["ops"]["opset"] for a in arts if a.target == "onnx"} == {17}
+    with pytest.raises(ModelError, match="ONNX opset 11.*opset >= 13"):
+        convert(_nchw_onnx(tmp_path / "old.onnx", opset=11), "onnx", "fp32", tmp_path / "old", preprocess="rescale",
+                classes=",".join(CLASSES), data=data_dir, verify_n=8)
     for a in arts:
         art = load_manifest(a.path)
         assert art.manifest["source"]["layout"].startswith("NCHW")
