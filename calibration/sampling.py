@@ -131,6 +131,11 @@ def folder_samples(calib_dir: str | Path, class_names: Sequence[str], *, split_s
         samples = [s for s in samples if s.sha256]
         if not samples:
             raise CalibrationError(f"{root}: the class folders hold no images")
+        have = {s.class_name for s in samples}
+        for cls in names:
+            if cls not in have:  # the int8 ranges never see this class's images: said, not hidden
+                problems.append((str(root / cls), f"no calibration image of class {cls!r}: the int8 ranges are "
+                                                  "fitted without it"))
         return CalibrationSource("classes", root, "folder", samples, problems)
     samples = [D.Sample(f, -1, "unlabelled", "folder", _hash(f, problems)) for f in flat]
     samples = [s for s in samples if s.sha256]

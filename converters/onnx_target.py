@@ -162,11 +162,14 @@ class ONNXTarget(Target):
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         pre = Path(workdir) / (export.stem + "-pre.onnx")
-        if not pre.is_file():
+        if not pre.is_file():  # reused within one run; written under another name, then renamed
+            part = pre.with_name(pre.stem + ".partial.onnx")
             try:
-                quant_pre_process(str(export), str(pre), skip_symbolic_shape=True)
+                quant_pre_process(str(export), str(part), skip_symbolic_shape=True)
             except Exception as exc:
+                part.unlink(missing_ok=True)
                 raise ConversionError(f"{export}: onnxruntime quant_pre_process failed ({exc})") from exc
+            part.replace(pre)
         return pre
 
     def _static(self, ctx: BuildContext, export: Path, dst: Path) -> tuple[dict[str, Any], dict[str, Any], list[str]]:

@@ -108,6 +108,12 @@ def test_folder_layouts(data_dir: Path, dataset: D.Dataset, tmp_path: Path, cach
     assert {s.label for s in src.candidates} == {0, 1, 2, 3}
     cs = build_calibration(SPEC, CLASSES, 8, 0, calib_dir=tmp_path / "classes", data_root=data_dir)
     assert cs.info["per_class"] == {c: 2 for c in CLASSES}
+    assert not any("no calibration image of class" in w for w in cs.info["warnings"])
+    # a class missing from the folders: calibrates on the rest and says so
+    _copy([s for s in train if s.class_name != "notumor"], tmp_path / "three")
+    cs = build_calibration(SPEC, CLASSES, 6, 0, calib_dir=tmp_path / "three", data_root=data_dir)
+    assert cs.info["per_class"]["notumor"] == 0
+    assert any("no calibration image of class 'notumor'" in w for w in cs.info["warnings"])
     # flat folder: no labels, still works, says it is not stratified
     _copy(train, tmp_path / "flat", by_class=False)
     cs = build_calibration(SPEC, CLASSES, 5, 0, calib_dir=tmp_path / "flat", data_root=data_dir)
