@@ -37,7 +37,8 @@ def tflite_ops(model: bytes | Path) -> dict[str, Any]:
     """Count the ops of a .tflite model by the dtypes they compute in.
 
     ``int8_ops``: ops whose activations are int8/uint8/int16; ``float_ops``: ops computing in
-    float (QUANTIZE/DEQUANTIZE at the edges are counted separately as ``boundary_ops``)."""
+    float (QUANTIZE/DEQUANTIZE at the edges are counted separately as ``boundary_ops``);
+    ``hybrid_ops``: float activations with int8 weights (dynamic-range models)."""
     from edgebrain.runtime import tflite_interpreter_class
 
     Interpreter, _ = tflite_interpreter_class()
@@ -46,6 +47,7 @@ def tflite_ops(model: bytes | Path) -> dict[str, Any]:
     tensors = {d["index"]: d for d in interp.get_tensor_details()}
     int8_types: Counter[str] = Counter()
     float_types: Counter[str] = Counter()
+    hybrid_types: Counter[str] = Counter()
     boundary = 0
     for op in interp._get_ops_details():
         name = op["op_name"]
@@ -55,7 +57,9 @@ def tflite_ops(model: bytes | Path) -> dict[str, Any]:
         acts = [np.dtype(tensors[i]["dtype"]).name for i in list(op["inputs"]) + list(op["outputs"])
                 if i >= 0 and i in tensors]
         # int32 tensors are biases/shapes/indices; classify by the activations.
-        if any(t in FLOAT_TYPES for t in acts):
+        if any(t in FLOAT_TYPES for t in acts) and any(t in ("int8", "uint8") for t in acts):
+            hybrid_types[name] += 1
+        elif any(t in FLOAT_TYPES for t in acts):
             float_types[name] += 1
         elif any(t in QUANT_TYPES for t in acts):
             int8_types[name] += 1
@@ -65,8 +69,10 @@ def tflite_ops(model: bytes | Path) -> dict[str, Any]:
         "int8_ops": int(sum(int8_types.values())),
         "float_ops": int(sum(float_types.values())),
         "boundary_ops": boundary,
+        "hybrid_ops": int(sum(hybrid_types.values())),
         "float_op_types": sorted(float_types),
-        "op_counts": {"quantized": dict(sorted(int8_types.items())), "float": dict(sorted(float_types.items()))},
+        "op_counts": {"quantized": dict(sorted(int8_types.items())), "float": dict(sorted(float_types.items())),
+                      "hybrid": dict(sorted(hybrid_types.items()))},
     }
 
 

@@ -89,6 +89,8 @@ def test_target_contract(converted: dict[str, Any], probe: dict[str, Any], train
     else:
         assert agree >= 0.7, (agree, dp)
 
+    if precision == "dynamic" and target == "tflite":  # float activations, int8 weights
+        assert m["ops"]["hybrid_ops"] > 0, m["ops"]
     if precision in ("int8", "int16x8"):
         assert m["ops"]["int8_ops"] > 0
         cal = m["calibration"]
