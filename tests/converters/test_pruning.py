@@ -129,9 +129,9 @@ def test_pruned_model_feeds_the_targets(data_dir: Path, tmp_path: Path, cache_en
     out = tmp_path / "out"
     # float_head: this barely-trained model's outputs are near-uniform, and an int8 softmax would turn
     # them into ties
-    arts = convert(src, "onnx,openvino", "int8", out, prune=0.5, prune_epochs=1, prune_per_class=12,
+    arts = convert(src, "tflite,onnx,openvino", "int8", out, prune=0.5, prune_epochs=1, prune_per_class=12,
                    calib_size=16, verify_n=16, min_agreement=0.5, float_head=True)
-    assert {(a.target, a.precision) for a in arts} == {("onnx", "int8"), ("openvino", "int8")}
+    assert {(a.target, a.precision) for a in arts} == {("tflite", "int8"), ("onnx", "int8"), ("openvino", "int8")}
     pruned_model = out / "pruned-sparse50" / "model.keras"
     assert pruned_model.is_file() and (out / "pruned-sparse50" / "model_card.json").is_file()
     for a in arts:
