@@ -125,3 +125,24 @@ def test_load_arrays_resamples_as_the_model_card_says(dataset: D.Dataset, cache_
     np.testing.assert_array_equal(near.x, near_cached.x)
     np.testing.assert_array_equal(near.x[0], load_for_model(samples[0].path, (64, 64), "nearest"))
     np.testing.assert_array_equal(bil.x[0], load_for_model(samples[0].path, (64, 64), "bilinear"))
+
+
+def test_bench_dedup_rests_on_the_files_not_a_stale_manifest(data_dir: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A Testing image replaced after MANIFEST.sha256 was written (here: by a copy of a Training
+    image) is hashed as it is, so the deduplicated list drops it."""
+    from edgebrain.bench import select_samples
+    from edgebrain.io import sha256_file
+
+    root = _mini_dataset(data_dir, tmp_path / "ds")
+    files = sorted(p for p in root.rglob("*.jpg"))
+    (root / "MANIFEST.sha256").write_text("".join(f"{sha256_file(p)}  {p.relative_to(root).as_posix()}\n"
+                                                  for p in files))
+    victim = sorted((root / "Testing" / "glioma").iterdir())[0]
+    shutil.copy(sorted((root / "Training" / "glioma").iterdir())[0], victim)
+    _, samples, dedup, info = select_samples(root)
+    rel = victim.relative_to(root).as_posix()
+    assert rel in {s.rel for s in samples} and dedup is not None and rel not in dedup
+    assert next(s for s in samples if s.rel == rel).sha256 == sha256_file(victim)
+    assert "differ from" in capsys.readouterr().err
+    assert any(p["problem"] == "content differs from MANIFEST.sha256" for p in info["scan_problems"])
