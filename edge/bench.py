@@ -318,8 +318,10 @@ def resolve_reference(items: Sequence[Item], reference: str | Path | None,
         ref = resolve_item(ref_path, preprocess, classes, input_size)
     if ref.kind == "edge" and ref.precision not in ("fp32", "unknown"):
         warnings.append(f"the reference {ref_path} is a {ref.precision} model, not FP32")
-    if ref.kind == "edge":
-        ref.precision = "fp32" if ref.precision == "unknown" else ref.precision
+    if ref.kind == "edge" and ref.precision == "unknown":
+        warnings.append(f"the reference {ref_path} records no precision; it is labelled fp32 on trust (it "
+                        "should be the float32 model the artifacts were converted from)")
+        ref.precision = "fp32"
     ref.name = ref.path.name if ref.path.name != "model.keras" else f"{ref.path.parent.name}/{ref.path.name}"
     for it in items:
         if it.spec.to_dict() != ref.spec.to_dict():
