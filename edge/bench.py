@@ -588,8 +588,9 @@ def _run_remote(items: Sequence[Item], dev: Any, opts: BenchOptions, samples: Se
         zpath = build_runtime_zip(tdp / "edgebrain.zip")
         rdir = tr.mkdtemp("edgebrain-bench")
         try:
-            print(f"{dev.label}: copying {len(samples)} images and {len(runnable)} artifact(s) to {rdir}",
-                  file=sys.stderr)
+            mb = (bundle.stat().st_size + zpath.stat().st_size) / 1e6
+            print(f"{dev.label}: copying {len(samples)} images and {len(runnable)} artifact(s) ({mb:.1f} MB) "
+                  f"to {rdir}", file=sys.stderr)
             tr.put([zpath, bundle], rdir)
             q = shlex.quote
             cmd = (f"cd {q(rdir)} && PYTHONPATH={q(rdir + '/edgebrain.zip')} EDGEBRAIN_QUIET=1 "

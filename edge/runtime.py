@@ -222,6 +222,18 @@ FALLBACKS: dict[str, tuple[str, ...]] = {"tflite": ("tflite",), "onnx": ("onnx",
                                          "openvino": ("openvino",)}
 
 
+def _registered_target(name: str) -> Any:
+    """The converters registry's target ``name`` when it defines its own ``load`` (None on a device
+    that ships only the edge runtime, or for a target without one)."""
+    try:
+        from edgebrain.converters import TARGETS
+        from edgebrain.converters.base import Target
+    except ImportError:
+        return None
+    t = TARGETS.get(name)
+    return t if t is not None and type(t).load is not Target.load else None
+
+
 def load_runner(art: Artifact, threads: int | None = None, **options: Any) -> Runner:
     """A runner for an artifact, using the manifest's runtime options unless overridden.
 
@@ -229,6 +241,10 @@ def load_runner(art: Artifact, threads: int | None = None, **options: Any) -> Ru
     runner's ``name`` says which one ran.
     """
     if art.target not in RUNNERS:
+        # A target added as one module in converters/ brings its own runner (Target.load).
+        target = _registered_target(art.target)
+        if target is not None:
+            return target.load(art, threads=threads)  # type: ignore[no-any-return]
         raise RuntimeUnavailable(f"no edge runner for target {art.target!r} (have: {', '.join(RUNNERS)})")
     opts = dict(art.manifest.get("runtime_options") or {})
     opts.update({k: v for k, v in options.items() if v is not None})

@@ -203,6 +203,10 @@ def test_int8_fallback_is_chosen_on_validation_and_recorded(trained_small: Path,
     assert second["top1_agreement"] > first["top1_agreement"]
     assert m["verification"]["top1_agreement"] == pytest.approx(second["top1_agreement"], abs=1e-6)
     assert any("fallback chosen" in w for w in m["warnings"])
+    # a target that is only a module in converters/ is loaded through its own Target.load
+    from edgebrain.runtime import ONNXRunner, load_runner
+
+    assert isinstance(load_runner(load_manifest(out / "flaky-int8")), ONNXRunner)
     # turned off: the default build stands (and is rejected by verification here)
     res = _invoke(trained_small, "--to", "flaky", "--precision", "int8", "--out", tmp_path / "off", "--verify-n", "24",
                   "--calib-size", "16", "--data", data_dir, "--min-agreement", "0.9", "--int8-fallback-below", "0")
