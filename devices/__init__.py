@@ -30,6 +30,7 @@ from .ssh import DeviceError, SSHAddress, SSHError, SSHTransport, parse_ssh_url
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 
+_ARTIFACT_PRECISIONS = {"fp32", "fp16", "bf16", "int8", "dynamic", "int16x8"}
 _TOP_KEYS = {"name", "description", "local", "facts", "runtime", "precision", "ssh", "notes"}
 _RUNTIME_KEYS = {"threads", "cpus", "tflite", "onnx", "openvino"}
 _TARGET_KEYS = {
@@ -150,6 +151,12 @@ def validate_profile(d: Any, where: str) -> None:
     prov = (rt.get("onnx") or {}).get("providers")
     _check(prov is None or (isinstance(prov, list) and all(isinstance(p, str) for p in prov)), where,
            "runtime.onnx.providers must be a list of provider names")
+    prec = d.get("precision") or {}
+    _check(isinstance(prec, dict) and set(prec) <= {"preferred"}, where,
+           "'precision' must be an object with only 'preferred'")
+    pref = prec.get("preferred")
+    _check(pref is None or (isinstance(pref, list) and all(p in _ARTIFACT_PRECISIONS for p in pref)), where,
+           f"precision.preferred must be a list of {sorted(_ARTIFACT_PRECISIONS)} or null")
     if d.get("ssh") is not None:
         parse_ssh_url(str(d["ssh"]))  # raises a clear error for a bad address
 

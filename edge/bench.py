@@ -703,6 +703,10 @@ def _record(item: Item, dev: Any, res: dict[str, Any], ids: list[str], y: np.nda
         "stages": res.get("stages"),
         "warnings": list(item.warnings),
     })
+    preferred = list((getattr(dev.profile, "precision", None) or {}).get("preferred") or [])
+    if not is_reference and item.kind == "edge" and preferred and item.precision not in preferred:
+        rec["warnings"].append(f"the {dev.profile.name} profile does not list {item.precision} among the "
+                               f"precisions this device runs well ({', '.join(preferred)})")
     bg = res.get("background_cpu")
     if bg is not None and bg > BUSY_WARN:
         rec["warnings"].append(f"other processes used {100 * bg:.0f}% of the CPUs while latency was timed: the "

@@ -92,6 +92,9 @@ def test_user_profiles_are_validated(tmp_path: Path, monkeypatch: pytest.MonkeyP
         load_profile("bad")
     with pytest.raises(DeviceError, match="inference_precision"):
         load_profile("bad2")
+    (tmp_path / "bad3.json").write_text(json.dumps(dict(good, name="bad3", precision={"preferred": ["int4"]})))
+    with pytest.raises(DeviceError, match="precision.preferred"):
+        load_profile("bad3")
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(DeviceError, match="not valid JSON"):
         load_profile(str(tmp_path / "broken.json"))

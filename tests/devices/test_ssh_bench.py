@@ -139,10 +139,19 @@ def test_bench_over_ssh_runs_there_with_the_edge_runtime(sshd: dict[str, Any], o
 
 
 def test_one_failing_artifact_on_the_device_keeps_the_others(sshd: dict[str, Any], onnx_artifact: Path,
-                                                              data_dir: Path, tmp_path: Path) -> None:
+                                                              data_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A model the device cannot load (here: a consistent artifact whose model file is not ONNX)
-    is reported as that artifact's error; the other artifact's results still come back."""
+    is reported as that artifact's error; the other artifact's results still come back. (The
+    device's own profile prefers int8: the fp32 artifact's record says so.)"""
     from edgebrain.artifact import write_manifest
+    from edgebrain.devices import load_profile
+
+    prof = json.loads(Path(load_profile("rpi4").source).read_text())
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "ward-pi.json").write_text(json.dumps(
+        {**prof, "name": "ward-pi", "precision": {"preferred": ["int8"]}}))
+    monkeypatch.setenv("EDGEBRAIN_DEVICES", str(tmp_path / "profiles"))
 
     broken = tmp_path / "broken"
     shutil.copytree(onnx_artifact, broken)
@@ -150,16 +159,17 @@ def test_one_failing_artifact_on_the_device_keeps_the_others(sshd: dict[str, Any
     m = json.loads((broken / "manifest.json").read_text())
     write_manifest(broken, {**{k: v for k, v in m.items() if k not in ("files", "artifact_sha256")},
                             "name": "broken"})
-    doc = bench([onnx_artifact, broken], data_dir, device=[f"rpi4={sshd['url']}"], out=tmp_path / "out",
+    doc = bench([onnx_artifact, broken], data_dir, device=[f"ward-pi={sshd['url']}"], out=tmp_path / "out",
                 per_class=2, no_reference=True,
                 options=BenchOptions(threads=1, warmup=1, min_runs=5, min_seconds=0.1, throughput_min_runs=2,
                                      throughput_min_seconds=0.1, job_timeout=300),
                 ssh=SSHOptions(identity=sshd["identity"], known_hosts=sshd["known_hosts"],
                                remote_python=sys.executable))
     assert [r["name"] for r in doc["results"]] == [json.loads((onnx_artifact / "manifest.json").read_text())["name"]]
-    assert doc["results"][0]["n"] == 8 and doc["results"][0]["device"]["label"] == "rpi4@127.0.0.1"
+    assert doc["results"][0]["n"] == 8 and doc["results"][0]["device"]["label"] == "ward-pi@127.0.0.1"
+    assert any("does not list fp32" in w for w in doc["results"][0]["warnings"])
     (err,) = doc["errors"]
-    assert "broken" in json.dumps(err) and "rpi4@127.0.0.1" in json.dumps(err)
+    assert "broken" in json.dumps(err) and "ward-pi@127.0.0.1" in json.dumps(err)
     assert (tmp_path / "out" / "results.json").is_file()
 
 
