@@ -32,7 +32,6 @@ which is also what loads ImageNet weights.
 from __future__ import annotations
 
 import os
-import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -457,6 +456,25 @@ def load_keras_model(path: str | Path, unsafe: bool = False) -> Any:
     raise ModelError(f"{p}: unsupported model file (expected .keras, .h5 or a SavedModel folder)")
 
 
+def _has_lambda(obj: Any) -> bool:
+    """Any ``class_name == "Lambda"`` in a decoded Keras config (searched as data, so JSON
+    escapes such as ``Lambd\\u0061`` cannot hide it)."""
+    if isinstance(obj, dict):
+        return obj.get("class_name") == "Lambda" or any(_has_lambda(v) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_has_lambda(v) for v in obj)
+    return False
+
+
+def _json_has_lambda(text: str | bytes, where: Path) -> bool:
+    import json
+
+    try:
+        return _has_lambda(json.loads(text))
+    except ValueError as exc:
+        raise ModelError(f"{where}: the stored Keras config is not valid JSON ({exc}); refusing to load it") from exc
+
+
 def _h5_has_lambda(p: Path) -> bool:
     import h5py
 
@@ -464,20 +482,22 @@ def _h5_has_lambda(p: Path) -> bool:
         cfg = f.attrs.get("model_config")
     if cfg is None:
         return False
-    if isinstance(cfg, bytes):
-        cfg = cfg.decode()
-    return _LAMBDA_RE.search(cfg) is not None
-
-
-_LAMBDA_RE = re.compile(r'"class_name"\s*:\s*"Lambda"')
+    return _json_has_lambda(cfg, p)
 
 
 def _savedmodel_has_lambda(p: Path) -> bool:
-    """Keras layer configs of a SavedModel folder (JSON strings inside keras_metadata.pb)."""
+    """Keras layer configs of a SavedModel folder (one JSON document per node of keras_metadata.pb)."""
     meta = p / "keras_metadata.pb"
     if not meta.is_file():
         return False  # not a Keras SavedModel: tf-keras cannot rebuild layers from it anyway
-    return _LAMBDA_RE.search(meta.read_bytes().decode("utf-8", "replace")) is not None
+    from tf_keras.protobuf import saved_metadata_pb2
+
+    saved = saved_metadata_pb2.SavedMetadata()
+    try:
+        saved.ParseFromString(meta.read_bytes())
+    except Exception as exc:
+        raise ModelError(f"{meta}: not a readable Keras metadata file ({exc}); refusing to load it") from exc
+    return any(_json_has_lambda(node.metadata, meta) for node in saved.nodes)
 
 
 def count_params(model: Any) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,17 @@ def test_tf_keras_lambda_refused_in_every_format_unless_unsafe(tmp_path: Path) -
     model.save(paths[1])
     model.save(paths[2], save_format="tf")
     x = np.random.default_rng(0).random((2, 8, 8, 3), np.float32)
-    for p in paths:
+    # the same .h5 with the class name JSON-escaped ("Lambd\u0061"): still a Lambda to tf-keras
+    import h5py
+
+    escaped = tmp_path / "escaped.h5"
+    shutil.copy(paths[1], escaped)
+    with h5py.File(escaped, "r+") as f:
+        cfg = f.attrs["model_config"]
+        cfg = cfg.decode() if isinstance(cfg, bytes) else cfg
+        assert '"Lambda"' in cfg
+        f.attrs["model_config"] = cfg.replace('"Lambda"', '"Lambd\\u0061"')
+    for p in [*paths, escaped]:
         with pytest.raises(ModelError, match="Lambda|unsafe"):
             load_keras_model(p)
         loaded = load_keras_model(p, unsafe=True)
