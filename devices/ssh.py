@@ -33,11 +33,12 @@ _USER_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]*$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9._:%-]+$")
 # ``--ssh-option`` takes only options that cannot weaken host key checking or make authentication
 # interactive (an allowlist: ssh has several ways to trust any key, e.g. KnownHostsCommand).
+# Algorithm lists (a way to re-enable weak ones) and HostKeyAlias (checks the device against another
+# host's key) are left out; ProxyJump is rewritten so that the jump hop follows the same rules.
 _ALLOWED_OPTIONS = {
     "proxyjump", "serveraliveinterval", "serveralivecountmax", "tcpkeepalive", "compression",
-    "connectionattempts", "addressfamily", "ipqos", "ciphers", "macs", "kexalgorithms",
-    "hostkeyalgorithms", "pubkeyacceptedalgorithms", "pubkeyacceptedkeytypes", "hostkeyalias",
-    "identityagent", "certificatefile", "preferredauthentications", "rekeylimit",
+    "connectionattempts", "addressfamily", "ipqos", "identityagent", "certificatefile",
+    "preferredauthentications", "rekeylimit",
 }
 _OPTION_RE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9]*)\s*(?:=|\s)\s*(\S.*)$")
 
@@ -52,10 +53,31 @@ def check_ssh_option(opt: str) -> str:
         allowed = ", ".join(sorted(_ALLOWED_OPTIONS))
         raise DeviceError(f"--ssh-option {opt!r} is not allowed: host key checking stays strict and "
                           f"authentication stays non-interactive (keys only). Allowed options: {allowed}")
+    if key.lower() == "proxyjump":
+        _parse_jump(val)  # one hop, user@host[:port]
     if key.lower() == "preferredauthentications" and any(
             a.strip().lower() in ("password", "keyboard-interactive") for a in val.split(",")):
         raise DeviceError(f"--ssh-option {opt!r}: passwords are never used (key authentication only)")
     return f"{key}={val}"
+
+
+def _parse_jump(val: str) -> tuple[str | None, str, int]:
+    """``[user@]host[:port]`` of a ProxyJump hop (one hop; ssh:// URLs and chains are refused)."""
+    if "," in val or "/" in val:
+        raise DeviceError(f"--ssh-option ProxyJump={val}: one jump host, as [user@]host[:port]")
+    user, _, hostport = val.rpartition("@")
+    host, port = hostport, 22
+    if hostport.startswith("["):
+        host, _, rest = hostport[1:].partition("]")
+        if rest:
+            port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else -1
+    elif hostport.count(":") == 1:
+        host, _, p = hostport.partition(":")
+        port = int(p) if p.isdigit() else -1
+    if (user and not _USER_RE.match(user)) or not host or not _HOST_RE.match(host) or host.startswith("-") \
+            or not 0 < port < 65536:
+        raise DeviceError(f"--ssh-option ProxyJump={val}: expected [user@]host[:port]")
+    return user or None, host, port
 
 
 @dataclass(frozen=True)
@@ -142,7 +164,7 @@ class SSHTransport:
             if shutil.which(tool) is None:
                 raise DeviceError(f"the {tool} client is not installed (apt-get install openssh-client)")
 
-    def common_options(self) -> list[str]:
+    def common_options(self, jump: bool = True) -> list[str]:
         opts = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
                 "-o", f"ConnectTimeout={self.connect_timeout}", "-o", "LogLevel=ERROR"]
         if self.known_hosts:
@@ -150,8 +172,22 @@ class SSHTransport:
         if self.identity:
             opts += ["-i", self.identity, "-o", "IdentitiesOnly=yes"]
         for o in self.options:
+            key, _, val = o.partition("=")
+            if key.lower() == "proxyjump":
+                if jump:
+                    opts += ["-o", self._proxy_command(val)]
+                continue
             opts += ["-o", o]
         return opts
+
+    def _proxy_command(self, jump: str) -> str:
+        """ProxyJump as the equivalent ProxyCommand (``ssh -W``), so that the hop to the jump host
+        runs with the same rules (batch mode, strict host keys, the same known_hosts and key);
+        ssh's own ProxyJump starts that hop without them."""
+        user, host, port = _parse_jump(jump)
+        hop = ["ssh", *self.common_options(jump=False), "-p", str(port), "-W", "[%h]:%p", "--",
+               f"{user}@{host}" if user else host]
+        return "ProxyCommand=" + " ".join(shlex.quote(a) for a in hop)
 
     def ssh_argv(self, remote_command: str) -> list[str]:
         return ["ssh", *self.common_options(), "-p", str(self.address.port), "--",

@@ -67,13 +67,19 @@ def test_ssh_options_cannot_weaken_host_key_checking() -> None:
                 "UserKnownHostsFile /dev/null", "GlobalKnownHostsFile=/tmp/x", "BatchMode=no",
                 "PasswordAuthentication=yes", "KnownHostsCommand=/usr/bin/ssh-keyscan -p %p %H",
                 "KnownHostsCommand /usr/bin/ssh-keyscan %H", "VerifyHostKeyDNS=yes", "UpdateHostKeys=yes",
-                "LocalCommand=x", "PreferredAuthentications=publickey,password", "ProxyJump", "=gw"):
+                "LocalCommand=x", "PreferredAuthentications=publickey,password", "ProxyJump", "=gw",
+                "HostKeyAlias=other", "HostKeyAlgorithms=+ssh-rsa", "Ciphers=+3des-cbc",
+                "ProxyCommand=nc %h %p", "ProxyJump=a,b", "ProxyJump=ssh://gw", "ProxyJump=-oX", "ProxyJump=gw:0"):
         with pytest.raises(DeviceError):
             SSHTransport(addr, options=[opt])
-    t = SSHTransport(addr, options=["ProxyJump=gw", "ServerAliveInterval 15"])
+    t = SSHTransport(addr, options=["ProxyJump=admin@gw:2200", "ServerAliveInterval 15"])
     argv = t.ssh_argv("true")
     assert "StrictHostKeyChecking=yes" in argv and "BatchMode=yes" in argv
-    assert "ProxyJump=gw" in argv and "ServerAliveInterval=15" in argv
+    assert "ServerAliveInterval=15" in argv and not any(a.startswith("ProxyJump") for a in argv)
+    # the hop to the jump host runs under the same rules (ssh's own ProxyJump would not)
+    (proxy,) = [a for a in argv if a.startswith("ProxyCommand=")]
+    assert "BatchMode=yes" in proxy and "StrictHostKeyChecking=yes" in proxy
+    assert "-p 2200 -W '[%h]:%p' -- admin@gw" in proxy
     assert argv[argv.index("--") + 1] == "pi@127.0.0.1"
 
 

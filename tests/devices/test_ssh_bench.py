@@ -192,3 +192,16 @@ def test_wrong_key_is_refused_with_advice(sshd: dict[str, Any]) -> None:
         t.run("true")
     ok = SSHTransport(parse_ssh_url(sshd["url"]), identity=sshd["identity"], known_hosts=sshd["known_hosts"])
     assert ok.run("echo hi").strip() == "hi"
+
+
+def test_proxy_jump_goes_through_the_jump_host_with_the_same_rules(sshd: dict[str, Any]) -> None:
+    """ProxyJump through the loopback sshd to itself: works with the known key, and the hop to the
+    jump host refuses an unknown host key too."""
+    jump = f"ProxyJump={sshd['user']}@127.0.0.1:{sshd['port']}"
+    ok = SSHTransport(parse_ssh_url(sshd["url"]), identity=sshd["identity"], known_hosts=sshd["known_hosts"],
+                      options=[jump])
+    assert ok.run("echo hi").strip() == "hi"
+    bad = SSHTransport(parse_ssh_url(sshd["url"]), identity=sshd["identity"],
+                       known_hosts=sshd["dir"] / "wrong_known_hosts", options=[jump])
+    with pytest.raises(SSHError):
+        bad.run("echo hi")
