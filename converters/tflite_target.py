@@ -71,6 +71,7 @@ def tflite_ops(model: bytes | Path) -> dict[str, Any]:
         "boundary_ops": boundary,
         "hybrid_ops": int(sum(hybrid_types.values())),
         "float_op_types": sorted(float_types),
+        "hybrid_op_types": sorted(hybrid_types),
         "op_counts": {"quantized": dict(sorted(int8_types.items())), "float": dict(sorted(float_types.items())),
                       "hybrid": dict(sorted(hybrid_types.items()))},
     }
@@ -244,6 +245,9 @@ class TFLiteTarget(Target):
         ops = self.count_ops(out / MODEL_FILE)
         if precision in ("int8", "int16x8") and ops and ops["float_ops"]:
             warnings.append(f"{ops['float_ops']} op(s) run in float: {', '.join(ops['float_op_types'])}")
+        if precision in ("int8", "int16x8") and ops and ops["hybrid_ops"]:
+            warnings.append(f"{ops['hybrid_ops']} op(s) run in float with int8 weights (hybrid): "
+                            f"{', '.join(ops['hybrid_op_types'])}")
         return Built(model_file=MODEL_FILE, quantization=quant, calibration=calib_block, ops=ops,
                      warnings=warnings, files=[MODEL_FILE])
 

@@ -707,11 +707,13 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
                     or (int8_search and vs.split == "val" and j.target.int8_candidates_for(ctx))):
                 built, build, chosen = _int8_choose(j, ctx, built, build, work, vs, int8_fallback_below,
                                                     int8_search, threads, src)
-            if j.precision in ("int8", "int16x8") and built.ops is not None and not built.ops.get("int8_ops"):
+            # (OpenVINO: the IR's FakeQuantize nodes count too; the host's CPU plugin may lack int8 kernels)
+            if j.precision in ("int8", "int16x8") and built.ops is not None and not built.ops.get("int8_ops") \
+                    and not built.ops.get("fake_quantize_nodes"):
                 shutil.rmtree(build, ignore_errors=True)
                 raise EdgebrainError(
                     f"{j.precision} was asked for but no operation of the converted model runs in integer "
-                    f"(float: {', '.join(built.ops.get('float_op_types') or []) or '?'}); an artifact "
+                    f"(float: {', '.join([*built.ops.get('float_op_types', []), *built.ops.get('hybrid_op_types', [])]) or '?'}); an artifact "
                     f"labelled {j.precision} that computes in float is not written")
         except Exception as exc:  # one target failing never stops the others
             msg = str(exc) if isinstance(exc, EdgebrainError) else f"{type(exc).__name__}: {exc}"
@@ -999,7 +1001,7 @@ class _Pipeline:
                                 "file is quantised without accuracy control")
             warnings += [f"stage {st.name}: {w}" for w in b.warnings]
             files += [f"{rel}/{f}" for f in b.files]
-            ops = {k: b.ops[k] for k in ("int8_ops", "float_ops") if k in b.ops} if b.ops else None
+            ops = {k: b.ops[k] for k in ("int8_ops", "float_ops", "hybrid_ops") if k in b.ops} if b.ops else None
             entries.append({
                 "name": st.name, "model_file": f"{rel}/{b.model_file}", "input_shape": list(st.input_shape),
                 "output_shape": list(st.output_shape) if st.output_shape else None, "precision": prec,
