@@ -85,6 +85,14 @@ def onnx_ops(path: Path) -> dict[str, Any]:
     }
 
 
+def source_opset(path: Path) -> int:
+    """The default-domain opset an ONNX file imports."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return next((int(o.version) for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 class ONNXTarget(Target):
     name = "onnx"
     runtime = "onnxruntime"
@@ -146,6 +154,11 @@ class ONNXTarget(Target):
             quant = {"scheme": "dynamic", "weights": "int8", "per_channel": per_channel,
                      "activations": "uint8, quantised at run time", "tool": "onnxruntime.quantization.quantize_dynamic"}
         elif precision == "int8":
+            opset = source_opset(export)
+            if opset < MIN_OPSET:  # per-channel QDQ / QLinear ops need opset 13 in onnxruntime
+                raise ConversionError(f"{src.path}: ONNX opset {opset}; int8 quantisation needs opset >= "
+                                      f"{MIN_OPSET}: re-export the model, or upgrade it with "
+                                      "onnx.version_converter.convert_version (fp32/fp16 convert as they are)")
             quant, calib_block, warn = self._static(ctx, export, dst)
             warnings += warn
         else:  # pragma: no cover - guarded by unsupported()

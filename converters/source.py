@@ -215,10 +215,6 @@ def _onnx_nhwc(p: Path, workdir: Path | None) -> tuple[Path, list[int], dict[str
         m = onnx.load(str(p))
     except Exception as exc:
         raise ModelError(f"{p}: not a readable ONNX file ({type(exc).__name__}: {exc})") from exc
-    opset = next((int(o.version) for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < MIN_OPSET:
-        raise ModelError(f"{p}: ONNX opset {opset}; int8 quantisation and the runtimes here need opset >= "
-                         f"{MIN_OPSET}: re-export it, or upgrade it with onnx.version_converter.convert_version")
     inits = {i.name for i in m.graph.initializer}
     inputs = [i for i in m.graph.input if i.name not in inits]
     if len(inputs) != 1:
