@@ -124,8 +124,12 @@ class TFLiteTarget(Target):
 
     def int8_fallbacks_for(self, ctx: BuildContext) -> list[dict[str, Any]]:
         if ctx.options.get("tflite_per_channel", "auto") == "auto" and not self._per_channel(ctx)[0]:
-            return list(self.int8_fallbacks)
-        return [{"float_head": True}]  # already per-channel (or set by the user)
+            fallbacks = list(self.int8_fallbacks)
+        else:
+            fallbacks = [{"float_head": True}]  # already per-channel (or set by the user)
+        if str(ctx.options.get("tflite_io", "float")).lower() == "int8":  # a float head needs float I/O
+            fallbacks = [f for f in fallbacks if not f.get("float_head")]
+        return fallbacks
 
     def build(self, ctx: BuildContext, precision: str, out: Path) -> Built:
         from edgebrain.tfenv import import_tf

@@ -80,7 +80,7 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
     ``artifact_sha256``, and no file in the folder that the manifest does not list (a runtime could
     read it: OpenVINO weights, ONNX external data)."""
     files = manifest.get("files")
-    if not files:
+    if not files or not isinstance(files, dict):
         raise IntegrityError(f"{folder}: manifest lists no file hashes")
     model_file = manifest.get("model_file")
     if model_file not in files:
@@ -88,9 +88,9 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
     if "artifact_sha256" in manifest and manifest["artifact_sha256"] != files[model_file]:
         raise IntegrityError(f"{folder}: the manifest's artifact_sha256 differs from the hash it lists for "
                              f"{model_file}: the manifest was edited; refusing to use it")
-    unlisted = [p.relative_to(folder).as_posix() for p in sorted(Path(folder).rglob("*"))
-                if p.is_file() and p.name != MANIFEST and p.name not in _OS_FILES and not p.name.startswith("._")
-                and p.relative_to(folder).as_posix() not in files]
+    unlisted = [rel for p in sorted(Path(folder).rglob("*"))
+                if p.is_file() and (rel := p.relative_to(folder).as_posix()) != MANIFEST
+                and p.name not in _OS_FILES and not p.name.startswith("._") and rel not in files]
     if unlisted:
         raise IntegrityError(f"{folder}: {', '.join(unlisted[:5])} {'is' if len(unlisted) == 1 else 'are'} not in "
                              "the manifest (added after conversion); remove it or convert again")

@@ -286,6 +286,11 @@ def test_an_edited_manifest_or_an_added_file_is_refused(arts: dict[str, Path], t
     with pytest.raises(IntegrityError, match="model.bin is not in the manifest"):
         load_manifest(added)
     (added / "model.bin").unlink()
+    (added / "sub").mkdir()
+    (added / "sub" / "manifest.json").write_text("{}")  # only the top-level manifest is exempt
+    with pytest.raises(IntegrityError, match="sub/manifest.json is not in the manifest"):
+        load_manifest(added)
+    shutil.rmtree(added / "sub")
     (added / ".DS_Store").write_bytes(b"\0")  # what a copy from a Mac adds: harmless, allowed
     load_manifest(added)
 
