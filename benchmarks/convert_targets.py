@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ds = D.scan(args.data)
     test = ds.split("Testing")
     dd = {s.rel for s in D.dedup_eval(ds)}
-    arr = D.load_arrays(test, spec.size, desc="Testing")
+    arr = D.load_arrays(test, spec.size, desc="Testing", resize=spec.resize)
     x = spec.apply(arr.x).astype(np.float32)
     y = arr.y
     mask = np.array([s.rel in dd for s in arr.samples], bool)

@@ -129,7 +129,7 @@ class Target(ABC):
     def load(self, artifact: Artifact, threads: int | None = None) -> Runner:
         from edgebrain.runtime import load_runner
 
-        return load_runner(artifact, threads=threads)
+        return load_runner(artifact, threads=threads, use_registry=False)  # no loop back to this target
 
 
 def gzip_size(path: Path) -> int:

@@ -591,13 +591,14 @@ def _run_remote(items: Sequence[Item], dev: Any, opts: BenchOptions, samples: Se
             mb = (bundle.stat().st_size + zpath.stat().st_size) / 1e6
             print(f"{dev.label}: copying {len(samples)} images and {len(runnable)} artifact(s) ({mb:.1f} MB) "
                   f"to {rdir}", file=sys.stderr)
-            tr.put([zpath, bundle], rdir)
+            # --timeout bounds each model on the device; the copies get ten minutes each, and the
+            # remote run that much per model plus ten minutes for unpacking and start-up.
+            copy_limit = None if opts.job_timeout is None else 600.0
+            tr.put([zpath, bundle], rdir, timeout=copy_limit)
             q = shlex.quote
             cmd = (f"cd {q(rdir)} && PYTHONPATH={q(rdir + '/edgebrain.zip')} EDGEBRAIN_QUIET=1 "
                    f"EDGEBRAIN_PROGRESS=lines {q(ssh.remote_python)} -m edgebrain.remote run-bundle job.tar "
                    f"{q(rdir)} {q(rdir + '/results.json')}")
-            # --timeout bounds each model on the device; the whole ssh call gets that per model plus
-            # ten minutes for the copy, the unpacking and the device's start-up.
             total = None if opts.job_timeout is None else opts.job_timeout * len(runnable) + 600
             try:
                 tr.run(cmd, stream_stderr=True, timeout=total)
@@ -608,7 +609,7 @@ def _run_remote(items: Sequence[Item], dev: Any, opts: BenchOptions, samples: Se
                             "numpy, pillow and a runtime (ai-edge-litert, onnxruntime or openvino) there, or "
                             "point --remote-python at a virtualenv's python")
                 raise SSHError(msg) from exc
-            tr.get(f"{rdir}/results.json", tdp / "results.json")
+            tr.get(f"{rdir}/results.json", tdp / "results.json", timeout=copy_limit)
         finally:
             if not ssh.keep_remote:
                 try:

@@ -767,9 +767,11 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
                                 "error": f"the artifact did not load or run: {type(exc).__name__}: {exc}"}
             # How much the figure proves: only the validation split is held-out evidence; calibration
             # images flatter int8, random pixels test plumbing only.
-            verification["evidence"] = {"val": "validation split", "calib": "calibration images (weak: the int8 "
-                                        "ranges were fitted on them)"}.get(vs.split, "random pixels (weak: "
-                                                                             "plumbing only)")
+            calib_why = ("the int8 ranges were fitted on them" if j.precision in ("int8", "int16x8")
+                         else "a small sample, not the validation split")
+            verification["evidence"] = {"val": "validation split",
+                                        "calib": f"calibration images (weak: {calib_why})"}.get(
+                vs.split, "random pixels (weak: plumbing only)")
             q = built.quantization or {}
             if q.get("selection") or q.get("fallback"):
                 verification["selected_on_these_images"] = True

@@ -234,7 +234,7 @@ def _registered_target(name: str) -> Any:
     return t if t is not None and type(t).load is not Target.load else None
 
 
-def load_runner(art: Artifact, threads: int | None = None, **options: Any) -> Runner:
+def load_runner(art: Artifact, threads: int | None = None, use_registry: bool = True, **options: Any) -> Runner:
     """A runner for an artifact, using the manifest's runtime options unless overridden.
 
     The first interpreter installed for the artifact's target is used (``FALLBACKS``); the
@@ -242,7 +242,8 @@ def load_runner(art: Artifact, threads: int | None = None, **options: Any) -> Ru
     """
     if art.target not in RUNNERS:
         # A target added as one module in converters/ brings its own runner (Target.load).
-        target = _registered_target(art.target)
+        # (Its load reads the manifest's runtime options itself; per-call options do not apply.)
+        target = _registered_target(art.target) if use_registry else None
         if target is not None:
             return target.load(art, threads=threads)  # type: ignore[no-any-return]
         raise RuntimeUnavailable(f"no edge runner for target {art.target!r} (have: {', '.join(RUNNERS)})")
