@@ -12,6 +12,7 @@ import getpass
 import glob
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -140,7 +141,8 @@ def test_bench_over_ssh_runs_there_with_the_edge_runtime(sshd: dict[str, Any], o
 
 def test_one_failing_artifact_on_the_device_keeps_the_others(sshd: dict[str, Any], onnx_artifact: Path,
                                                               data_dir: Path, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capfd: pytest.CaptureFixture[str]) -> None:
     """A model the device cannot load (here: a consistent artifact whose model file is not ONNX)
     is reported as that artifact's error; the other artifact's results still come back. (The
     device's own profile prefers int8: the fp32 artifact's record says so.)"""
@@ -171,6 +173,8 @@ def test_one_failing_artifact_on_the_device_keeps_the_others(sshd: dict[str, Any
     (err,) = doc["errors"]
     assert "broken" in json.dumps(err) and "ward-pi@127.0.0.1" in json.dumps(err)
     assert (tmp_path / "out" / "results.json").is_file()
+    # the device's per-image progress came back live as plain lines
+    assert re.search(r": 8/8 \(\d+ s\)", capfd.readouterr().err)
 
 
 def test_unknown_host_key_is_an_error_not_a_prompt(sshd: dict[str, Any], onnx_artifact: Path, data_dir: Path,
