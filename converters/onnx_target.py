@@ -51,7 +51,6 @@ def onnx_ops(path: Path) -> dict[str, Any]:
 
     model = onnx.load(str(path), load_external_data=False)
     g = model.graph
-    opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     producer = {o: n for n in g.node for o in n.output}
     inits = {i.name for i in g.initializer}
     q: Counter[str] = Counter()
@@ -81,16 +80,20 @@ def onnx_ops(path: Path) -> dict[str, Any]:
         "layout_ops": layout,
         "float_op_types": sorted(f),
         "op_counts": {"quantized": dict(sorted(q.items())), "float": dict(sorted(f.items()))},
-        "opset": opset,
+        "opset": _default_opset(model) or None,
     }
+
+
+def _default_opset(model: Any) -> int:
+    """The default-domain opset a loaded ONNX model imports (0 if none)."""
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def source_opset(path: Path) -> int:
     """The default-domain opset an ONNX file imports."""
     import onnx
 
-    m = onnx.load(str(path), load_external_data=False)
-    return next((int(o.version) for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return _default_opset(onnx.load(str(path), load_external_data=False))
 
 
 class ONNXTarget(Target):
