@@ -26,6 +26,8 @@ from pathlib import Path
 os.environ.setdefault("EDGEBRAIN_QUIET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
+# --prune-channels: random weights, so no fine-tuning (latency does not depend on the weights); the
+# accuracy of channel pruning is measured on a trained model by benchmarks/channel_pruning.py
 MODELS = {"resnet50": 224, "xception": 299}
 BEST_INT8_TARGET = {"resnet50": 5.5, "xception": 4.2}
 OWN_FP32_TARGET = {"resnet50": {"tflite": 3.0, "onnx": 2.5, "openvino": 3.0}}
@@ -70,6 +72,24 @@ def convert_all(model: Path, out: Path, calib_size: int, threads: int) -> list[P
     return sorted(d for d in out.iterdir() if d.is_dir() and is_artifact_dir(d))
 
 
+def convert_channel_pruned(model: Path, out: Path, ratio: float, calib_size: int, threads: int) -> list[Path]:
+    """int8 artifacts of the model with ``ratio`` of its bottleneck channels removed (edgebrain convert
+    --prune-channels, no fine-tuning: random weights)."""
+    from edgebrain.artifact import is_artifact_dir
+    from edgebrain.convert import convert
+
+    have = [d for d in out.glob("*-int8-*") if d.is_dir() and is_artifact_dir(d)]
+    if len(have) < 3:
+        convert(model, ["tflite", "onnx", "openvino"], ["int8"], out, calib_size=calib_size, no_verify=True,
+                overwrite=True, threads=threads, prune_channels=ratio, channel_epochs=0)
+    return sorted(d for d in out.iterdir() if d.is_dir() and is_artifact_dir(d))
+
+
+def _key(rec: dict) -> tuple[str, str]:
+    tag = "-" + rec["name"].rsplit("-", 1)[1] if rec["name"].rsplit("-", 1)[-1].startswith("ch") else ""
+    return rec["target"], rec["precision"] + tag
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), default="resnet50")
@@ -81,6 +101,9 @@ def main() -> int:
     ap.add_argument("--min-seconds", type=float, default=5.0)
     ap.add_argument("--min-runs", type=int, default=50)
     ap.add_argument("--convert-only", action="store_true", help="Build and convert (cached), do not measure.")
+    ap.add_argument("--prune-channels", type=float, default=None,
+                    help="Also bench int8 artifacts with this fraction of the bottleneck channels removed "
+                         "(no fine-tuning: random weights).")
     args = ap.parse_args()
 
     from edgebrain.bench import BenchOptions, bench
@@ -89,6 +112,9 @@ def main() -> int:
     work = args.work / args.model
     model = build(args.model, work, args.data)
     arts = convert_all(model, work / "artifacts", args.calib_size, args.threads)
+    if args.prune_channels:
+        arts += convert_channel_pruned(model, work / f"artifacts-ch{round(args.prune_channels * 100)}",
+                                       args.prune_channels, args.calib_size, args.threads)
     t_conv = time.time() - t0
     if args.convert_only:
         print(f"{len(arts)} artifacts under {work / 'artifacts'} ({t_conv:.0f} s)")
@@ -100,11 +126,12 @@ def main() -> int:
     doc = bench(arts, args.data, device="host", reference=model, out=out, per_class=args.per_class, options=opts,
                 overwrite=True, command=" ".join(["python", *sys.argv]))
     ref = doc["reference"]
-    recs = {(r["target"], r["precision"]): r for r in doc["results"]}
+    recs = {_key(r): r for r in doc["results"]}
     p50 = {k: r["latency_ms"]["p50"] for k, r in recs.items()}
     tf_p50 = ref["latency_ms"]["p50"]
     int8 = {k: v for k, v in p50.items() if k[1] == "int8"}
     best_key = min(int8, key=int8.get)
+    pruned = {k: v for k, v in p50.items() if k[1].startswith("int8-ch")}
     summary = {
         "model": args.model, "input": MODELS[args.model], "threads": args.threads,
         "reference": {"runtime": ref["device"]["runtime"], "ran_on": ref["device"]["ran_on"], "p50_ms": tf_p50,
@@ -116,6 +143,9 @@ def main() -> int:
                            **{f"{t}-{p}": recs[(t, p)].get("background_cpu") for (t, p) in sorted(p50)}},
         "best_int8": {"artifact": "-".join(best_key), "speedup_vs_tf": tf_p50 / int8[best_key],
                       "target": BEST_INT8_TARGET[args.model]},
+        "best_int8_channel_pruned": ({"artifact": "-".join(min(pruned, key=pruned.get)),
+                                      "speedup_vs_tf": tf_p50 / min(pruned.values()),
+                                      "ratio": args.prune_channels} if pruned else None),
         "int8_vs_own_fp32": {t: p50[(t, "fp32")] / p50[(t, "int8")] for t in ("tflite", "onnx", "openvino")
                              if (t, "fp32") in p50 and (t, "int8") in p50},
         "own_fp32_targets": OWN_FP32_TARGET.get(args.model, {}),
@@ -138,6 +168,11 @@ def main() -> int:
                      f"{_pct(recs[(t, p)].get('background_cpu'))} |")
     lines += ["", f"- best int8 ({'-'.join(best_key)}) vs TF fp32: **{summary['best_int8']['speedup_vs_tf']:.2f}x** "
               f"(target >= {BEST_INT8_TARGET[args.model]}x: {'met' if ok else 'NOT met'})"]
+    if pruned:
+        bp = summary["best_int8_channel_pruned"]
+        lines.append(f"- best int8 with {args.prune_channels:.0%} of the bottleneck channels removed ({bp['artifact']}) "
+                     f"vs TF fp32 (dense): **{bp['speedup_vs_tf']:.2f}x** (target >= {BEST_INT8_TARGET[args.model]}x: "
+                     f"{'met' if bp['speedup_vs_tf'] >= BEST_INT8_TARGET[args.model] else 'NOT met'})")
     for t, r in summary["int8_vs_own_fp32"].items():
         tgt = OWN_FP32_TARGET.get(args.model, {}).get(t)
         met = "" if tgt is None else f" (target >= {tgt}x: {'met' if r >= tgt else 'NOT met'})"

@@ -44,6 +44,8 @@ DEFAULT_CALIB_SEED = 0
 DEFAULT_MIN_AGREEMENT = 0.99
 DEFAULT_INT8_FALLBACK_BELOW = 0.995
 DEFAULT_PRUNE_EPOCHS = 2
+DEFAULT_CHANNEL_EPOCHS = 6
+DEFAULT_CHANNEL_LR = 1e-3
 FP32_MAX_DP = 1e-3  # an fp32 artifact must reproduce the source's probabilities this closely
 SUMMARY = "convert_summary.json"
 CALIB_LIST = "calibration_list.txt"
@@ -496,6 +498,9 @@ def convert(
     prune_per_class: int | None = None,
     prune_cluster: int | None = None,
     cluster_epochs: int = 1,
+    prune_channels: float | None = None,
+    channel_epochs: int = DEFAULT_CHANNEL_EPOCHS,
+    channel_lr: float = DEFAULT_CHANNEL_LR,
     int8_fallback_below: float | None = DEFAULT_INT8_FALLBACK_BELOW,
     int8_search: bool = True,
     preprocess: str | None = None,
@@ -560,6 +565,9 @@ def convert(
             "calib_seed": calib_seed if calib_seed != DEFAULT_CALIB_SEED else None, "calib_method": calib_method,
             "prune": prune, "prune_epochs": prune_epochs if prune else None, "prune_2x4": prune_2x4,
             "prune_cluster": prune_cluster, "cluster_epochs": cluster_epochs if prune_cluster and cluster_epochs != 1 else None,
+            "prune_channels": prune_channels,
+            "channel_epochs": channel_epochs if prune_channels and channel_epochs != DEFAULT_CHANNEL_EPOCHS else None,
+            "channel_lr": channel_lr if prune_channels and channel_lr != DEFAULT_CHANNEL_LR else None,
             "preprocess": preprocess, "classes": class_list, "keep_float": keep_float, "data": data,
             "ct_dir": ct_dir, "ct_csv": ct_csv, "verify_n": verify_n,
             "min_agreement": min_agreement if min_agreement != DEFAULT_MIN_AGREEMENT else None,
@@ -577,6 +585,7 @@ def convert(
                         calib_method=calib_method, prune=prune, prune_epochs=prune_epochs, prune_2x4=prune_2x4,
                         prune_lr=prune_lr, prune_min_params=prune_min_params, prune_per_class=prune_per_class,
                         prune_cluster=prune_cluster, cluster_epochs=cluster_epochs,
+                        prune_channels=prune_channels, channel_epochs=channel_epochs, channel_lr=channel_lr,
                         int8_fallback_below=int8_fallback_below, int8_search=int8_search, preprocess=preprocess, classes=class_list, keep_float=keep_float, data=data,
                         ct_dir=ct_dir, ct_csv=ct_csv, verify_n=verify_n,
                         min_agreement=min_agreement, no_verify=no_verify, allow_overlap=allow_overlap,
@@ -604,6 +613,7 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
              calib: str | Path | None, calib_size: int, calib_seed: int, calib_method: str | None,
              prune: float | None, prune_epochs: int, prune_2x4: bool, prune_lr: float, prune_min_params: int,
              prune_per_class: int | None, prune_cluster: int | None, cluster_epochs: int,
+             prune_channels: float | None, channel_epochs: int, channel_lr: float,
              int8_fallback_below: float | None, int8_search: bool, preprocess: str | None, classes: list[str] | None,
              keep_float: str | Sequence[str] | None, data: str | Path | None,
              ct_dir: str | Path | None, ct_csv: str | Path | None, verify_n: int | None,
@@ -621,8 +631,11 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
     tag = ""
     if prune_cluster is not None and prune is None:
         raise ConversionError("--prune-cluster clusters the pruned layers: give --prune too")
+    ch_tag = _channel_tag(prune_channels)
+    if prune_channels is not None:
+        tag = "-" + ch_tag
     if prune is not None:
-        tag = "-" + _pruned_name(prune, prune_2x4, prune_cluster).split("-", 1)[1]
+        tag += "-" + _pruned_name(prune, prune_2x4, prune_cluster).split("-", 1)[1]
 
     # ---- plan
     jobs: list[_Job] = []
@@ -641,9 +654,11 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
     for j in jobs:
         if (out / j.dirname).exists() and not overwrite:
             raise ConversionError(f"{out / j.dirname} already exists (use --overwrite to replace it)")
-    if prune is not None and (out / _pruned_name(prune, prune_2x4, prune_cluster)).exists() and not overwrite:
-        raise ConversionError(f"{out / _pruned_name(prune, prune_2x4, prune_cluster)} already exists "
-                              "(use --overwrite to replace it)")
+    pruned_dirs = ([f"pruned-{ch_tag}"] if prune_channels is not None else []) + (
+        [_pruned_name(prune, prune_2x4, prune_cluster, ch_tag)] if prune is not None else [])
+    for d in pruned_dirs:
+        if (out / d).exists() and not overwrite:
+            raise ConversionError(f"{out / d} already exists (use --overwrite to replace it)")
 
     # ---- calibration (built once, before any conversion: refusals fail fast)
     cal: CalibrationSet | None = None
@@ -659,10 +674,14 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
 
     # ---- pruning (after calibration: a refused calibration set fails before the fine-tuning)
     pruning: dict[str, Any] | None = None
+    channel_pruning: dict[str, Any] | None = None
+    if prune_channels is not None:  # structured first: the sparsity is then of the smaller model's weights
+        src, channel_pruning = _prune_channels(src, dd, out, ratio=prune_channels, epochs=channel_epochs,
+                                               lr=channel_lr, per_class=prune_per_class, command=command)
     if prune is not None:
         src, pruning = _prune(src, dd, out, prune=prune, epochs=prune_epochs, structured=prune_2x4, lr=prune_lr,
                               min_params=prune_min_params, per_class=prune_per_class, command=command,
-                              clusters=prune_cluster, cluster_epochs=cluster_epochs)
+                              clusters=prune_cluster, cluster_epochs=cluster_epochs, channel_tag=ch_tag)
 
     val_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -681,7 +700,7 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
     if scopes:
         _say(f"int8: ops named *{'*, *'.join(scopes)}* stay float ({', '.join(stages)})")
 
-    pipe = _pipeline_for(src, work, unsafe, pruning is not None, run_warnings)
+    pipe = _pipeline_for(src, work, unsafe, pruning is not None or channel_pruning is not None, run_warnings)
     if pipe is not None:
         _say(f"pipeline: stage files {', '.join(st.name for st in pipe.stages)} are converted with each artifact")
 
@@ -748,6 +767,7 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
             "quantization": built.quantization,
             "calibration": ({**built.calibration, "list_file": CALIB_LIST} if built.calibration else None),
             "pruning": pruning,
+            "channel_pruning": channel_pruning,
             "runtime_options": built.runtime_options,
             "ops": built.ops,
             "size": file_sizes(build, built.files),
@@ -844,6 +864,8 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
         "source": original,
         "pruning": ({k: pruning[k] for k in ("target_sparsity", "achieved_overall", "pruned_model")}
                     if pruning else None),
+        "channel_pruning": ({k: channel_pruning[k] for k in ("ratio", "macs_ratio", "params_ratio", "pruned_model")}
+                            if channel_pruning else None),
         "calibration": ({k: v for k, v in cal.info.items() if k != "warnings"} if cal is not None else None),
         "artifacts": records,
         "skipped": skipped,
@@ -1110,18 +1132,74 @@ def _float_scopes(src: Source, keep_float: str | Sequence[str] | None) -> tuple[
     return scopes, stages
 
 
-def _pruned_name(prune: float, structured: bool, clusters: int | None = None) -> str:
-    return (f"pruned-sparse{round(prune * 100)}" + ("-2x4" if structured else "")
-            + (f"-c{int(clusters)}" if clusters else ""))
+def _pruned_name(prune: float, structured: bool, clusters: int | None = None, channel_tag: str = "") -> str:
+    return ("pruned-" + (f"{channel_tag}-" if channel_tag else "") + f"sparse{round(prune * 100)}"
+            + ("-2x4" if structured else "") + (f"-c{int(clusters)}" if clusters else ""))
+
+
+def _channel_tag(ratio: float | None) -> str:
+    return "" if ratio is None else f"ch{round(ratio * 100)}"
+
+
+def _save_pruned(model: Any, src: Source, folder: Path, rep: dict[str, Any], key: str, command: str) -> Source:
+    """Write a pruned tf-keras model (+ its model card and report) atomically -> a Source for it."""
+    from edgebrain.converters.source import from_keras_model
+    from edgebrain.modelcard import ModelCard
+
+    with atomic_dir(folder, overwrite=True) as tmp:
+        model.save(tmp / "model.keras")
+        if src.card is not None:
+            d = src.card.to_dict()
+            d.setdefault("extra", {})[key] = {"from": src.describe(), "report": rep, "command": command}
+            ModelCard.from_dict(d).save(tmp)
+        atomic_write_json(tmp / f"{key}.json", rep)
+    sha = sha256_file(folder / "model.keras")
+    rep["pruned_model"] = {"path": str((folder / "model.keras").resolve()), "sha256": sha}
+    return from_keras_model(model, src, folder / "model.keras", sha, derived=src.describe())
+
+
+def _prune_channels(src: Source, dd: _Data, out: Path, *, ratio: float, epochs: int, lr: float,
+                    per_class: int | None, command: str) -> tuple[Source, dict[str, Any]]:
+    from edgebrain.converters.base import ConversionError
+    from edgebrain.converters.channel_pruning import ChannelPruneConfig, prune_channels
+    from edgebrain.train import augmenter_from_card
+
+    if src.format != "tf-keras":
+        raise ConversionError(
+            f"--prune-channels needs a tf-keras model; {src.path} is {src.format}. Convert without "
+            "--prune-channels, or prune the model where it was trained.")
+    if not dd.available and epochs:
+        raise ConversionError("--prune-channels fine-tunes on the train split: the model card's data root is "
+                              "missing; pass --data DIR")
+    _say(f"channel pruning: removing {ratio:.0%} of the prunable channels, {epochs} fine-tuning epoch(s)")
+    empty = (np.zeros((0, *src.spec.size, 3), np.uint8), np.zeros((0,), np.int64))
+    tr = dd.arrays("train", src.spec.size, per_class=per_class, resize=src.spec.resize) if epochs else None
+    va = dd.arrays("val", src.spec.size, resize=src.spec.resize) if dd.available else None
+    cfg = ChannelPruneConfig(ratio=float(ratio), epochs=int(epochs), lr=float(lr))
+    # fine-tune with the augmentation the model was trained with (model card), if any
+    augment = augmenter_from_card(src.card.training) if src.card is not None and epochs else None
+    try:
+        pruned, rep = prune_channels(src.model, cfg, src.spec, len(src.class_names),
+                                     (tr.x, tr.y) if tr is not None else empty,
+                                     (va.x, va.y) if va is not None else empty, augment=augment)
+    except EdgebrainError:
+        raise
+    except Exception as exc:  # Keras / TensorFlow: say which step and which model
+        raise EdgebrainError(f"{src.path}: channel pruning failed ({type(exc).__name__}: {str(exc)[:600]}); "
+                             "convert without --prune-channels to skip it") from exc
+    if per_class:
+        rep["fine_tuning"]["per_class_subset"] = per_class
+    _say(f"channel pruning: {rep['channels_before']} -> {rep['channels_after']} channels in "
+         f"{len(rep['chains'])} chains, MACs x{rep['macs_ratio']}, params x{rep['params_ratio']}")
+    new = _save_pruned(pruned, src, out / f"pruned-{_channel_tag(ratio)}", rep, "channel_pruning", command)
+    return new, rep
 
 
 def _prune(src: Source, dd: _Data, out: Path, *, prune: float, epochs: int, structured: bool, lr: float,
            min_params: int, per_class: int | None, command: str, clusters: int | None = None,
-           cluster_epochs: int = 1) -> tuple[Source, dict[str, Any]]:
+           cluster_epochs: int = 1, channel_tag: str = "") -> tuple[Source, dict[str, Any]]:
     from edgebrain.converters.base import ConversionError
     from edgebrain.converters.pruning import PruneConfig, prune_model
-    from edgebrain.converters.source import from_keras_model
-    from edgebrain.modelcard import ModelCard
 
     if src.format != "tf-keras":
         raise ConversionError(
@@ -1144,17 +1222,8 @@ def _prune(src: Source, dd: _Data, out: Path, *, prune: float, epochs: int, stru
         raise EdgebrainError(f"{src.path}: pruning with tensorflow-model-optimization failed "
                              f"({type(exc).__name__}: {str(exc)[:600]}); convert without --prune to skip "
                              "pruning") from exc
-    folder = out / _pruned_name(prune, structured, clusters)
-    with atomic_dir(folder, overwrite=True) as tmp:
-        pruned.save(tmp / "model.keras")
-        if src.card is not None:
-            d = src.card.to_dict()
-            d.setdefault("extra", {})["pruning"] = {"from": src.describe(), "report": rep, "command": command}
-            ModelCard.from_dict(d).save(tmp)
-        atomic_write_json(tmp / "pruning.json", rep)
-    sha = sha256_file(folder / "model.keras")
-    rep = {**rep, "pruned_model": {"path": str((folder / "model.keras").resolve()), "sha256": sha}}
     if per_class:
         rep["fine_tuning"]["per_class_subset"] = per_class
-    new = from_keras_model(pruned, src, folder / "model.keras", sha, derived=src.describe())
+    new = _save_pruned(pruned, src, out / _pruned_name(prune, structured, clusters, channel_tag), rep, "pruning",
+                       command)
     return new, rep

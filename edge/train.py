@@ -92,6 +92,19 @@ def _augmenter(cfg: TrainConfig) -> Any:
     return aug
 
 
+def augmenter_from_card(training: dict[str, Any] | None) -> Any:
+    """The training augmentation recorded in a model card (``training``), for fine-tuning the model
+    the same way it was trained; None when the card records none."""
+    if not training:
+        return None
+    keys = ("flip", "rotate", "shift", "zoom", "brightness", "seed")
+    cfg = TrainConfig(variant=str(training.get("variant", "")), data_dir="", out="",
+                      **{k: (tuple(training[k]) if k == "brightness" else training[k]) for k in keys if k in training})
+    if not (cfg.flip or cfg.rotate or cfg.shift or cfg.zoom or tuple(cfg.brightness) != (1.0, 1.0)):
+        return None
+    return _augmenter(cfg)
+
+
 def make_dataset(x: np.ndarray, y: np.ndarray, spec: PreprocessSpec, batch: int, num_classes: int,
                  shuffle: bool, seed: int, augment: Any = None) -> Any:
     from .tfenv import import_tf

@@ -55,6 +55,15 @@ def _command_line() -> str | None:
               help="After pruning, sparsity-preserving weight clustering (tfmot) to this many distinct values "
                    "per layer (e.g. 16): smaller gzip'd files.")
 @click.option("--cluster-epochs", type=int, default=1, show_default=True, help="Fine-tuning epochs while clustering.")
+@click.option("--prune-channels", type=float, default=None,
+              help="Structured pruning: remove this fraction of the filters (e.g. 0.25) of every convolution whose "
+                   "output feeds only the next convolution (ResNet bottlenecks), least important first, then "
+                   "fine-tune. Fewer multiply-accumulates: faster on every runtime. Before --prune when both "
+                   "are given.")
+@click.option("--channel-epochs", type=int, default=6, show_default=True,
+              help="Fine-tuning epochs after --prune-channels (cosine learning rate to 0).")
+@click.option("--channel-lr", type=float, default=1e-3, show_default=True,
+              help="Initial fine-tuning learning rate after --prune-channels.")
 @click.option("--preprocess", default=None,
               help="For a model without a model card: rescale | xception | caffe | imagenet | meanstd:M,M,M/S,S,S.")
 @click.option("--classes", default=None, help="For a model without a model card: class names, comma-separated.")
@@ -150,6 +159,7 @@ def command(model: Path, targets: str, precisions: str, out: Path, as_json: bool
       edgebrain convert runs/lite --to tflite,onnx,openvino --precision fp32,int8 --out artifacts/lite
       edgebrain convert runs/lite --to tflite --precision int8 --prune 0.5 --out artifacts/lite-sparse
       edgebrain convert runs/lite --to tflite --precision int8 --prune 0.5 --prune-cluster 16 --out artifacts/lite-pc
+      edgebrain convert runs/w05 --to openvino --precision int8 --prune-channels 0.25 --out artifacts/w05-ch25
       edgebrain convert other.onnx --to onnx,openvino --precision int8 --calib calib_imgs/ \\
           --preprocess imagenet --classes glioma,meningioma,notumor,pituitary --out artifacts/other
     """

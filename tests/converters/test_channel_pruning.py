@@ -1,0 +1,153 @@
+"""Structured (channel) pruning: graph surgery is exact, nested backbones work, and convert
+--prune-channels builds smaller, faster artifacts from a really trained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _x(size: int, n: int = 4) -> np.ndarray:
+    return np.random.default_rng(0).uniform(0, 1, (n, size, size, 3)).astype(np.float32)
+
+
+def test_chains_in_a_resnet50_and_ratio_zero_is_identity() -> None:
+    from edgebrain.converters.channel_pruning import find_chains, shrink
+    from edgebrain.models import build_model
+
+    m = build_model("resnet50", 32, width=0.25, weights="none")
+    chains = find_chains(m)
+    # the first two convolutions of each of the 16 bottlenecks; never one whose output is read twice
+    assert len(chains) == 32
+    assert {c["a"].rsplit("_", 2)[-2] for c in chains} == {"1", "2"}
+    assert not any(c["a"].endswith(("_3_conv", "_0_conv")) or c["a"] == "conv1_conv" for c in chains)
+    same, _ = shrink(m, 0.0)
+    x = _x(32)
+    np.testing.assert_array_equal(same(x).numpy(), m(x).numpy())
+
+
+def test_shrink_removes_exactly_the_dead_channels() -> None:
+    """Channels whose batch-norm scale and shift are 0 contribute nothing: removing them (they rank
+    last) must leave the outputs unchanged, which checks every slice (A's filters and bias, the
+    batch-norm vectors, B's input channels)."""
+    from edgebrain.converters.channel_pruning import find_chains, macs, shrink
+    from edgebrain.models import build_model
+    from edgebrain.tfenv import keras
+
+    K = keras()
+    m = build_model("resnet50", 32, width=0.25, weights="none")
+    layers = {layer.name: layer for layer in m.layers}
+    rng = np.random.default_rng(1)
+    dead = {}
+    for ch in find_chains(m):
+        bn = layers[ch["between"][0]]
+        assert isinstance(bn, K.layers.BatchNormalization)
+        n = ch["channels"]
+        idx = rng.choice(n, n // 4, replace=False)
+        g, b, mean, var = bn.get_weights()
+        g = rng.uniform(0.5, 1.5, n).astype(np.float32)
+        b = rng.uniform(-0.5, 0.5, n).astype(np.float32)
+        g[idx] = 0.0
+        b[idx] = 0.0
+        bn.set_weights([g, b, mean, var])
+        dead[ch["a"]] = set(idx.tolist())
+    small, info = shrink(m, 0.25, multiple=4)
+    x = _x(32)
+    np.testing.assert_allclose(small(x).numpy(), m(x).numpy(), atol=2e-5)
+    s_layers = {layer.name: layer for layer in small.layers}
+    for ch in info["chains"]:
+        assert ch["kept"] == ch["channels"] - ch["channels"] // 4
+        assert s_layers[ch["a"]].filters == ch["kept"]
+        assert s_layers[ch["b"]].kernel.shape[2] == ch["kept"]
+    assert macs(small) < 0.8 * macs(m)
+
+
+def test_nested_keras_applications_backbone() -> None:
+    """Keras applications ResNet50 nested in a Functional model (the paper's layout)."""
+    from edgebrain.converters.channel_pruning import find_chains, macs, shrink
+    from edgebrain.models import build_model
+
+    m = build_model("resnet50", 32, width=1.0, weights="none")
+    chains = find_chains(m)
+    assert len(chains) == 32 and all(c["a"].startswith("resnet50/") for c in chains), chains[:2]
+    small, info = shrink(m, 0.25)
+    kept = sorted({(c["channels"], c["kept"]) for c in info["chains"]})
+    assert kept == [(64, 48), (128, 96), (256, 192), (512, 384)]
+    assert small(_x(32, 2)).shape == (2, 4)
+    assert 0.55 < macs(small) / macs(m) < 0.75
+
+
+def test_refusals() -> None:
+    from edgebrain.converters.channel_pruning import shrink
+    from edgebrain.errors import ModelError
+    from edgebrain.models import build_model
+
+    m = build_model("resnet50", 32, width=0.25, weights="none")
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ModelError, match="fraction"):
+            shrink(m, bad)
+    # resnet50-lite: every pointwise output goes into a residual addition: nothing to prune safely
+    with pytest.raises(ModelError, match="no prunable convolution chain"):
+        shrink(build_model("resnet50-lite", 32, width=0.25), 0.25)
+
+
+@pytest.fixture(scope="module")
+def trained_resnet50(data_dir: Path, cache_env: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A really trained full-depth ResNet50 (width 0.25, 48 px, a stratified subset)."""
+    from edgebrain.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("r50") / "r50"
+    train(TrainConfig(variant="resnet50", data_dir=str(data_dir), out=str(out), input_size=48, width=0.25,
+                      epochs=10, batch_size=32, lr=2e-3, per_class=120, eval_per_class=40, seed=3, patience=10))
+    return out
+
+
+@pytest.mark.slow
+def test_convert_prune_channels_feeds_every_target(trained_resnet50: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from edgebrain.convert import convert
+
+    out = tmp_path / "out"
+    arts = convert(trained_resnet50, "tflite,onnx,openvino", "int8", out, prune_channels=0.25, channel_epochs=3,
+                   prune_per_class=120, calib_size=32, verify_n=64, min_agreement=0.8)
+    assert {a.target for a in arts} == {"tflite", "onnx", "openvino"}
+    pruned = out / "pruned-ch25" / "model.keras"
+    assert pruned.is_file() and (out / "pruned-ch25" / "model_card.json").is_file()
+    rep = arts[0].manifest["channel_pruning"]
+    assert rep["ratio"] == 0.25 and len(rep["chains"]) == 32
+    assert rep["macs_ratio"] < 0.8 and rep["params_ratio"] < 0.9
+    assert rep["pruned_model"]["path"] == str(pruned)
+    # a trained model: fine-tuning brings the pruned model back near the dense one on the validation split
+    assert rep["pruned_val_accuracy"] >= rep["dense_val_accuracy"] - 0.1, rep
+    for a in arts:
+        assert a.path.name.endswith("-ch25")
+        assert a.manifest["source"]["path"] == str((trained_resnet50 / "model.keras").resolve())
+        assert a.manifest["pruning"] is None and a.manifest["verification"]["passed"]
+    # the artifact really has fewer filters: conv5_block1_1_conv (256 -> 128 channels at this width) in
+    # the ONNX graph (OIHW weights)
+    g = onnx.load(str(next(a for a in arts if a.target == "onnx").model_file)).graph
+    shapes = {tuple(t.dims) for t in g.initializer if len(t.dims) == 4}
+    c5 = next(c for c in rep["chains"] if c["a"] == "conv5_block1_1_conv")
+    assert (c5["channels"], c5["kept"]) == (128, 96)
+    assert (96, 256, 1, 1) in shapes and (128, 256, 1, 1) not in shapes, sorted(shapes)
+
+
+def test_convert_prune_channels_refuses_a_model_without_chains(tiny_model: Path, tmp_path: Path) -> None:
+    from edgebrain.convert import convert
+    from edgebrain.errors import EdgebrainError
+
+    with pytest.raises(EdgebrainError, match="no prunable convolution chain"):
+        convert(tiny_model, "tflite", "fp32", tmp_path / "o", prune_channels=0.25, channel_epochs=0, no_verify=True)
+
+
+def test_cli_help_lists_prune_channels() -> None:
+    from click.testing import CliRunner
+
+    from edgebrain.cli import cli
+
+    r = CliRunner().invoke(cli, ["convert", "--help"])
+    assert r.exit_code == 0 and "--prune-channels" in r.output and "--channel-epochs" in r.output
+
