@@ -69,6 +69,9 @@ def _passes_channels(layer: Any) -> bool:
 def find_chains(model: Any) -> list[dict[str, Any]]:
     """Every prunable chain: {'a': path, 'between': [paths], 'b': path, 'channels': n}."""
     paths = {id(layer): path for path, layer in _walk(model)}
+    outputs: set[int] = set()  # layers whose output is a (nested) model's output: read outside the chain
+    for m in [model, *(layer for _, layer in _walk_models(model))]:
+        outputs |= {id(x) for x in getattr(m, "_output_layers", [])}
     chains = []
     for path, layer in _walk(model):
         if not _is_conv(layer) or len(getattr(layer, "_inbound_nodes", [])) != 1:
@@ -81,6 +84,8 @@ def find_chains(model: Any) -> list[dict[str, Any]]:
             if len(nxt) != 1 or id(nxt[0]) not in paths or len(getattr(nxt[0], "_inbound_nodes", [])) != 1:
                 break  # used twice, by a nested-model boundary, or shared: not prunable here
             n = nxt[0]
+            if id(cur) in outputs:
+                break
             if _is_conv(n):
                 b = n
                 break
@@ -98,6 +103,19 @@ def find_chains(model: Any) -> list[dict[str, Any]]:
         chains.append({"a": path, "between": [paths[id(x)] for x in between], "b": paths[id(b)],
                        "channels": int(layer.filters)})
     return chains
+
+
+def _walk_models(model: Any) -> list[tuple[str, Any]]:
+    """Nested models (path, model), any depth."""
+    from edgebrain.tfenv import keras
+
+    K = keras()
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, K.Model):
+            out.append((layer.name, layer))
+            out.extend(_walk_models(layer))
+    return out
 
 
 def _importance(a: Any, between: list[Any]) -> np.ndarray:
