@@ -40,6 +40,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "artifacts" / "channel-w05")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--md", type=Path, default=None, help="Also write the table here.")
+    ap.add_argument("--reuse", action="store_true", help="Tabulate WORK/bench/results.json again, no new run.")
     args = ap.parse_args()
 
     from edgebrain.bench import BenchOptions, bench
@@ -62,17 +63,19 @@ def main() -> int:
     arts = _arts(dense_dir) + _arts(pruned_dir)
     rep = json.loads((arts[-1] / "manifest.json").read_text())["channel_pruning"]
     out = args.work / "bench"
-    doc = bench([*arts, pruned_keras], args.data, device="host", reference=model, out=out, overwrite=True,
-                options=BenchOptions(threads=args.threads), command=" ".join(["python", *sys.argv]))
+    if args.reuse and (out / "results.json").is_file():
+        doc = json.loads((out / "results.json").read_text())
+    else:
+        doc = bench([*arts, pruned_keras], args.data, device="host", reference=model, out=out, overwrite=True,
+                    options=BenchOptions(threads=args.threads), command=" ".join(["python", *sys.argv]))
     ref = doc["reference"]
     classes = list(ref["per_class"])
 
     def row(r: dict, name: str) -> str:
         drop = max(100 * (ref["per_class"][c]["recall"] - r["per_class"][c]["recall"]) for c in classes)
-        va = r.get("vs_reference") or {}
         return (f"| {name} | {100 * r['accuracy']:.2f} | {100 * r['dedup']['accuracy']:.2f} | "
                 f"{100 * (r['accuracy'] - ref['accuracy']):+.2f} | "
-                f"{100 * va['agreement']:.2f} | {drop:.2f} | {r['latency_ms']['p50']:.3f} | "
+                f"{100 * r['agreement']:.2f} | {drop:.2f} | {r['latency_ms']['p50']:.3f} | "
                 f"{ref['latency_ms']['p50'] / r['latency_ms']['p50']:.2f}x | {r['size_bytes']} |")
 
     lines = [
@@ -94,9 +97,7 @@ def main() -> int:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(doc["results"], key=lambda r: (tag in r["artifact"], r["artifact"])):
-        name = r["name"] if r["name"] != "model.keras" else f"pruned-{tag} Keras (FP32, TensorFlow)"
-        if name.endswith("model.keras"):
-            name = f"pruned-{tag} Keras (FP32, TensorFlow)"
+        name = f"pruned-{tag} Keras (FP32, TensorFlow)" if r["artifact"].endswith("model.keras") else r["name"]
         lines.append(row(r, name))
     lines += ["", f"Conversion {t_conv:.0f} s (cached when rerun), bench {doc['host']['wall_s']:.0f} s. "
               f"Results: `{out / 'results.json'}`."]

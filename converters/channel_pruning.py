@@ -30,7 +30,7 @@ import numpy as np
 from edgebrain.errors import ModelError
 from edgebrain.preprocess import PreprocessSpec
 
-from .pruning import _accuracy, _walk, _weights_gzip
+from .pruning import _accuracy, _clone, _walk, _weights_gzip
 
 
 @dataclass
@@ -260,6 +260,7 @@ def prune_channels(model: Any, cfg: ChannelPruneConfig, spec: PreprocessSpec, nu
         h = small.fit(ds, epochs=cfg.epochs, validation_data=val_ds,
                       verbose=(1 if sys.stderr.isatty() else 2) if enabled() else 0)
         hist = {k: [round(float(v), 5) for v in vs] for k, vs in h.history.items()}
+        small = _clone(small)  # without the optimizer's state: saved files and sizes are the weights only
     m0, m1 = macs(model), macs(small)
     p0, p1 = int(model.count_params()), int(small.count_params())
     size_d, gz_d = _weights_gzip(model)
