@@ -36,9 +36,9 @@ from .pruning import _accuracy, _clone, _walk, _weights_gzip
 @dataclass
 class ChannelPruneConfig:
     ratio: float  # fraction of each prunable chain's channels to remove
-    epochs: int = 2
+    epochs: int = 6  # edgebrain convert --channel-epochs
     batch_size: int = 32
-    lr: float = 1e-4
+    lr: float = 1e-3  # --channel-lr, cosine to 0
     multiple: int = 8  # kept channel counts are multiples of this
     seed: int = 0
 
@@ -63,7 +63,9 @@ def _passes_channels(layer: Any) -> bool:
     if type(layer) is L.BatchNormalization:
         axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
         return list(axis) in ([-1], [3])
-    return type(layer) in (L.ReLU, L.Activation, L.ZeroPadding2D)
+    if type(layer) is L.Activation:  # element-wise, except the softmax family (mixes channels)
+        return getattr(layer.activation, "__name__", "") not in ("softmax", "log_softmax")
+    return type(layer) in (L.ReLU, L.ZeroPadding2D)
 
 
 def find_chains(model: Any) -> list[dict[str, Any]]:
@@ -95,11 +97,6 @@ def find_chains(model: Any) -> list[dict[str, Any]]:
             cur = n
         if b is None:
             continue
-        if any(type(x).__name__ == "Activation" and getattr(x, "activation", None) is not None
-               and x.activation.__name__ not in ("relu", "relu6", "linear", "swish", "silu", "gelu", "elu",
-                                                 "sigmoid", "tanh")
-               for x in between):
-            continue  # softmax-like activations mix channels
         chains.append({"a": path, "between": [paths[id(x)] for x in between], "b": paths[id(b)],
                        "channels": int(layer.filters)})
     return chains
@@ -167,8 +164,8 @@ def macs(model: Any) -> int:
 def shrink(model: Any, ratio: float, multiple: int = 8) -> tuple[Any, dict[str, Any]]:
     """The model with ``ratio`` of every prunable chain's channels removed (no fine-tuning).
 
-    Returns (new model, {'chains': [...], 'kept': {a_path: [indices]}}). ``ratio`` 0 gives an
-    identical copy (tested: same outputs)."""
+    Returns (new model, {'chains': find_chains' list, each with 'kept' added}). ``ratio`` 0 gives
+    an identical copy (tested: same outputs)."""
     from edgebrain.tfenv import keras
 
     K = keras()
@@ -241,7 +238,7 @@ def prune_channels(model: Any, cfg: ChannelPruneConfig, spec: PreprocessSpec, nu
     if not 0.0 < cfg.ratio < 1.0:
         raise ModelError(f"--prune-channels must be a fraction in (0, 1), e.g. 0.25; got {cfg.ratio}")
     if cfg.epochs < 0:
-        raise ModelError("--prune-epochs must be >= 0")
+        raise ModelError(f"--channel-epochs must be >= 0, got {cfg.epochs}")
     xt, yt = train
     if cfg.epochs and len(xt) == 0:
         raise ModelError("channel pruning fine-tunes on training images (the model card's train split or --data)")
@@ -251,8 +248,8 @@ def prune_channels(model: Any, cfg: ChannelPruneConfig, spec: PreprocessSpec, nu
     xv, yv = val
     before_ft = _accuracy(small, xv, yv, spec)
     hist: dict[str, list[float]] = {}
+    steps = int(math.ceil(len(xt) / cfg.batch_size)) * cfg.epochs
     if cfg.epochs:
-        steps = int(math.ceil(len(xt) / cfg.batch_size)) * cfg.epochs
         lr = K.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=steps)  # ends at 0: the model settles
         small.compile(optimizer=K.optimizers.Adam(lr), loss="categorical_crossentropy", metrics=["accuracy"])
         ds = make_dataset(xt, yt, spec, cfg.batch_size, num_classes, shuffle=True, seed=cfg.seed, augment=augment)
@@ -269,7 +266,7 @@ def prune_channels(model: Any, cfg: ChannelPruneConfig, spec: PreprocessSpec, nu
         "method": "channels",
         "criterion": "L1 norm of the filter x batch-norm scale",
         "ratio": float(cfg.ratio),
-        "chains": [{k: v for k, v in c.items()} for c in info["chains"]],
+        "chains": info["chains"],
         "channels_before": int(sum(c["channels"] for c in info["chains"])),
         "channels_after": int(sum(c["kept"] for c in info["chains"])),
         "macs_before": m0,
@@ -278,8 +275,8 @@ def prune_channels(model: Any, cfg: ChannelPruneConfig, spec: PreprocessSpec, nu
         "params_before": p0,
         "params_after": p1,
         "params_ratio": round(p1 / p0, 4) if p0 else None,
-        "fine_tuning": {**asdict(cfg), "lr_schedule": "cosine to 0", "augmentation": augment is not None, "steps": int(math.ceil(len(xt) / cfg.batch_size)) * cfg.epochs,
-                        "train_n": int(len(xt)), "val_n": int(len(xv)), "history": hist},
+        "fine_tuning": {**asdict(cfg), "lr_schedule": "cosine to 0", "augmentation": augment is not None,
+                        "steps": steps, "train_n": int(len(xt)), "val_n": int(len(xv)), "history": hist},
         "weights_bytes": size_p,
         "gzip_bytes": gz_p,
         "dense_weights_bytes": size_d,

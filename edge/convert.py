@@ -44,7 +44,7 @@ DEFAULT_CALIB_SEED = 0
 DEFAULT_MIN_AGREEMENT = 0.99
 DEFAULT_INT8_FALLBACK_BELOW = 0.995
 DEFAULT_PRUNE_EPOCHS = 2
-DEFAULT_CHANNEL_EPOCHS = 6
+DEFAULT_CHANNEL_EPOCHS = 6  # = converters.channel_pruning.ChannelPruneConfig's defaults
 DEFAULT_CHANNEL_LR = 1e-3
 FP32_MAX_DP = 1e-3  # an fp32 artifact must reproduce the source's probabilities this closely
 SUMMARY = "convert_summary.json"

@@ -88,6 +88,16 @@ def test_refusals() -> None:
     for bad in (-0.1, 1.0, 1.5):
         with pytest.raises(ModelError, match="fraction"):
             shrink(m, bad)
+    from edgebrain.converters.channel_pruning import ChannelPruneConfig, prune_channels
+    from edgebrain.preprocess import PreprocessSpec
+
+    empty = (np.zeros((0, 32, 32, 3), np.uint8), np.zeros((0,), np.int64))
+    with pytest.raises(ModelError, match="--channel-epochs"):
+        prune_channels(m, ChannelPruneConfig(ratio=0.25, epochs=-1), PreprocessSpec.named("rescale", 32), 4,
+                       empty, empty)
+    with pytest.raises(ModelError, match="training images"):
+        prune_channels(m, ChannelPruneConfig(ratio=0.25, epochs=1), PreprocessSpec.named("rescale", 32), 4,
+                       empty, empty)
     # resnet50-lite: every pointwise output goes into a residual addition: nothing to prune safely
     with pytest.raises(ModelError, match="no prunable convolution chain"):
         shrink(build_model("resnet50-lite", 32, width=0.25), 0.25)
@@ -110,6 +120,10 @@ def test_a_convolution_read_elsewhere_is_not_pruned() -> None:
     assert [x["a"] for x in find_chains(K.Model(inp, head))] == ["a", "b"]  # c is read by d and by the Add
     # the same graph with a_relu also a model output: a's channels are read outside the chain
     assert [x["a"] for x in find_chains(K.Model(inp, [head, r]))] == ["b"]
+    # a softmax over channels mixes them: no chain through it
+    sm = L.Activation("softmax", name="sm")(L.Conv2D(8, 1, name="e")(inp))
+    f = L.Conv2D(8, 1, name="f")(sm)
+    assert find_chains(K.Model(inp, L.GlobalAveragePooling2D()(f))) == []
 
 
 @pytest.fixture(scope="module")
