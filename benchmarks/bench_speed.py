@@ -73,8 +73,8 @@ def convert_all(model: Path, out: Path, calib_size: int, threads: int) -> list[P
 
 
 def convert_channel_pruned(model: Path, out: Path, ratio: float, calib_size: int, threads: int) -> list[Path]:
-    """int8 artifacts of the model with ``ratio`` of its bottleneck channels removed (edgebrain convert
-    --prune-channels, no fine-tuning: random weights)."""
+    """int8 artifacts of the model with ``ratio`` of its prunable channels removed (ResNet bottlenecks,
+    Xception separable blocks; edgebrain convert --prune-channels, no fine-tuning: random weights)."""
     from edgebrain.artifact import is_artifact_dir
     from edgebrain.convert import convert
 
@@ -102,7 +102,7 @@ def main() -> int:
     ap.add_argument("--min-runs", type=int, default=50)
     ap.add_argument("--convert-only", action="store_true", help="Build and convert (cached), do not measure.")
     ap.add_argument("--prune-channels", type=float, default=None,
-                    help="Also bench int8 artifacts with this fraction of the bottleneck channels removed "
+                    help="Also bench int8 artifacts with this fraction of the prunable channels removed "
                          "(no fine-tuning: random weights).")
     args = ap.parse_args()
 
@@ -170,7 +170,7 @@ def main() -> int:
               f"(target >= {BEST_INT8_TARGET[args.model]}x: {'met' if ok else 'NOT met'})"]
     if pruned:
         bp = summary["best_int8_channel_pruned"]
-        lines.append(f"- best int8 with {args.prune_channels:.0%} of the bottleneck channels removed ({bp['artifact']}) "
+        lines.append(f"- best int8 with {args.prune_channels:.0%} of the prunable channels removed ({bp['artifact']}) "
                      f"vs TF fp32 (dense): **{bp['speedup_vs_tf']:.2f}x** (target >= {BEST_INT8_TARGET[args.model]}x: "
                      f"{'met' if bp['speedup_vs_tf'] >= BEST_INT8_TARGET[args.model] else 'NOT met'})")
     for t, r in summary["int8_vs_own_fp32"].items():

@@ -6,16 +6,19 @@ kernels (XNNPACK, oneDNN, MLAS) do the same work. Removing filters changes the l
 the artifact is faster everywhere. tfmot has no filter pruning for Keras, so this module does
 the graph surgery itself, with Keras' own ``clone_model``, and leaves the fine-tuning to Keras.
 
-What is pruned: every *prunable chain* ``Conv2D A -> [BatchNormalization] -> [ReLU /
-Activation / ZeroPadding2D] -> Conv2D B`` in which each layer's output feeds only the next one
-(no residual or concatenation reads A's output). A's output channels (and B's matching input
-channels) can then be removed without touching any other layer. In ResNet50 (Keras
-applications naming, nested or not, and edgebrain's narrow builds) these are the first two
-convolutions of every bottleneck block: ~60 % of the network's MACs. Channels are ranked by
-the L1 norm of A's filter times the batch-norm scale ``|gamma| / sqrt(var + eps)`` that
-multiplies it (the filter's effective output magnitude), the ``ratio`` least important are
-removed per chain (kept count rounded to a multiple of 8 for SIMD-friendly shapes), then the
-model is fine-tuned on the train split.
+What is pruned: every *prunable chain* ``A -> [BatchNormalization] -> [ReLU / Activation /
+ZeroPadding2D] -> B``, A and B each a Conv2D or a SeparableConv2D, in which each layer's output
+feeds only the next one (no residual or concatenation reads A's output). A's output channels
+(and B's matching input channels: for a SeparableConv2D, its depthwise filters and the
+pointwise rows they feed) can then be removed without touching any other layer. In ResNet50
+(Keras applications naming, nested or not, and edgebrain's narrow builds) these are the first
+two convolutions of every bottleneck block: ~60 % of the network's MACs. In Xception they are
+the first two of the three separable convolutions of each middle-flow block, and the first of
+the two in the entry/exit blocks (the others feed a residual addition). Channels are ranked by
+the L1 norm of A's (pointwise) filter times the batch-norm scale ``|gamma| / sqrt(var + eps)``
+that multiplies it (the filter's effective output magnitude), the ``ratio`` least important
+are removed per chain (kept count rounded to a multiple of 8 for SIMD-friendly shapes), then
+the model is fine-tuned on the train split.
 """
 
 from __future__ import annotations
@@ -51,8 +54,21 @@ def _is_conv(layer: Any) -> bool:
     from edgebrain.tfenv import keras
 
     L = keras().layers
-    # Conv2D itself (not its subclasses: DepthwiseConv2D / SeparableConv2D / Conv2DTranspose), no groups.
-    return type(layer) is L.Conv2D and int(getattr(layer, "groups", 1)) == 1
+    # Conv2D itself (not its subclasses DepthwiseConv2D / Conv2DTranspose), no groups; or SeparableConv2D.
+    if type(layer) is L.Conv2D:
+        return int(getattr(layer, "groups", 1)) == 1
+    return type(layer) is L.SeparableConv2D and str(layer.data_format) == "channels_last"
+
+
+def _is_separable(layer: Any) -> bool:
+    from edgebrain.tfenv import keras
+
+    return type(layer) is keras().layers.SeparableConv2D
+
+
+def _out_kernel(layer: Any) -> Any:
+    """The kernel whose last axis is the layer's output channels."""
+    return layer.pointwise_kernel if _is_separable(layer) else layer.kernel
 
 
 def _passes_channels(layer: Any) -> bool:
@@ -119,7 +135,7 @@ def _importance(a: Any, between: list[Any]) -> np.ndarray:
     from edgebrain.tfenv import keras
 
     L = keras().layers
-    k = np.asarray(a.kernel)
+    k = np.asarray(_out_kernel(a))
     score = np.abs(k).reshape(-1, k.shape[-1]).sum(0)
     for x in between:
         if type(x) is L.BatchNormalization:
@@ -173,8 +189,8 @@ def shrink(model: Any, ratio: float, multiple: int = 8) -> tuple[Any, dict[str, 
         raise ModelError(f"--prune-channels must be a fraction in [0, 1), e.g. 0.25; got {ratio}")
     chains = find_chains(model)
     if not chains:
-        raise ModelError("no prunable convolution chain found (Conv2D -> [BatchNorm] -> [ReLU] -> Conv2D with no "
-                         "other reader of the first convolution's output); structured pruning does not apply to "
+        raise ModelError("no prunable convolution chain found ((Separable)Conv2D -> [BatchNorm] -> [ReLU] -> "
+                         "(Separable)Conv2D with no other reader of the first convolution's output); structured pruning does not apply to "
                          "this model")
     layers = dict(_walk(model))
     keep_out: dict[str, np.ndarray] = {}   # A path -> kept output channels
@@ -214,12 +230,19 @@ def shrink(model: Any, ratio: float, multiple: int = 8) -> tuple[Any, dict[str, 
             continue
         if path in keep_between:  # BatchNormalization: every weight is per channel
             ws = [w[keep_between[path]] for w in ws]
+        sep = _is_separable(old)
         if path in keep_in:
-            ws[0] = ws[0][:, :, keep_in[path], :]
+            idx = keep_in[path]
+            ws[0] = ws[0][:, :, idx, :]  # Conv2D kernel / SeparableConv2D depthwise kernel: (h, w, in, .)
+            if sep:  # pointwise rows: depthwise output channel c * multiplier + j reads input channel c
+                mult = int(old.depth_multiplier)
+                rows = (idx[:, None] * mult + np.arange(mult)[None, :]).reshape(-1)
+                ws[1] = ws[1][:, :, rows, :]
         if path in keep_out:
-            ws[0] = ws[0][..., keep_out[path]]
-            if len(ws) > 1:
-                ws[1] = ws[1][keep_out[path]]
+            k = 1 if sep else 0  # the kernel whose last axis is the output channels; the bias follows it
+            ws[k] = ws[k][..., keep_out[path]]
+            if len(ws) > k + 1:
+                ws[k + 1] = ws[k + 1][keep_out[path]]
         nl.set_weights(ws)
     return new, {"chains": chains}
 

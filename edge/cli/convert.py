@@ -57,7 +57,8 @@ def _command_line() -> str | None:
 @click.option("--cluster-epochs", type=int, default=1, show_default=True, help="Fine-tuning epochs while clustering.")
 @click.option("--prune-channels", type=float, default=None,
               help="Structured pruning: remove this fraction of the filters (e.g. 0.25) of every convolution whose "
-                   "output feeds only the next convolution (ResNet bottlenecks), least important first, then "
+                   "output feeds only the next convolution (ResNet bottlenecks, Xception separable blocks), least "
+                   "important first, then "
                    "fine-tune. Fewer multiply-accumulates: faster on every runtime. Before --prune when both "
                    "are given.")
 @click.option("--channel-epochs", type=int, default=6, show_default=True,

@@ -79,6 +79,75 @@ def test_nested_keras_applications_backbone() -> None:
     assert 0.55 < macs(small) / macs(m) < 0.75
 
 
+def test_separable_chains_in_xception() -> None:
+    """Keras applications Xception nested in a Functional model: the separable convolutions whose
+    output is read only by the next one (never the third of a middle-flow block: it feeds the
+    residual addition)."""
+    from edgebrain.converters.channel_pruning import find_chains, macs, shrink
+    from edgebrain.converters.pruning import _walk
+    from edgebrain.models import build_model
+
+    m = build_model("xception", 71, weights="none")
+    chains = find_chains(m)
+    names = {c["a"].split("/")[-1] for c in chains}
+    middle = {f"block{b}_sepconv{i}" for b in range(5, 13) for i in (1, 2)}
+    entry_exit = {f"block{b}_sepconv1" for b in (2, 3, 4, 13, 14)}
+    assert names == middle | entry_exit | {"block1_conv1"}, sorted(names)
+    assert all(c["a"].startswith("xception/") for c in chains)
+    small, info = shrink(m, 0.25)
+    kept = sorted({(c["channels"], c["kept"]) for c in info["chains"]})
+    assert kept == [(32, 24), (128, 96), (256, 192), (728, 544), (1536, 1152)], kept
+    sl = dict(_walk(small))
+    b5 = sl["xception/block5_sepconv2"]  # both a chain's B (input 544) and the next chain's A (output 544)
+    assert b5.depthwise_kernel.shape[2] == 544 and b5.pointwise_kernel.shape[2:] == (544, 544)
+    assert small(_x(71, 2)).shape == (2, 4)
+    assert 0.65 < macs(small) / macs(m) < 0.8
+
+
+def test_separable_shrink_removes_exactly_the_dead_channels() -> None:
+    """As for Conv2D: dead channels (batch-norm scale and shift 0) removed from separable chains,
+    including a depth multiplier of 2 (pointwise rows c*2 and c*2+1 go with input channel c),
+    leave the logits unchanged."""
+    from edgebrain.converters.channel_pruning import find_chains, shrink
+    from edgebrain.tfenv import keras
+
+    K = keras()
+    L = K.layers
+    inp = K.Input((12, 12, 3))
+    x = L.ReLU(name="r0")(L.BatchNormalization(name="bn0")(L.Conv2D(16, 3, padding="same", name="c0")(inp)))
+    x = L.SeparableConv2D(32, 3, padding="same", depth_multiplier=2, name="s1")(x)
+    x = L.Activation("relu", name="r1")(L.BatchNormalization(name="bn1")(x))
+    x = L.SeparableConv2D(24, 3, padding="same", use_bias=False, name="s2")(x)
+    x = L.ReLU(name="r2")(L.BatchNormalization(name="bn2")(x))
+    x = L.Conv2D(8, 1, name="c3")(x)
+    m = K.Model(inp, L.Dense(4, name="logits")(L.GlobalAveragePooling2D()(x)))
+    chains = find_chains(m)
+    assert [(c["a"], c["b"]) for c in chains] == [("c0", "s1"), ("s1", "s2"), ("s2", "c3")]
+    rng = np.random.default_rng(2)
+    for layer in m.layers:  # O(1) activations so a wrong slice shows
+        if layer.weights and not isinstance(layer, L.BatchNormalization):
+            layer.set_weights([rng.normal(0, 0.5, w.shape).astype(np.float32) for w in layer.get_weights()])
+    for ch in chains:
+        bn = m.get_layer(ch["between"][0])
+        n = ch["channels"]
+        g = rng.uniform(0.5, 1.5, n).astype(np.float32)
+        b = rng.uniform(-0.5, 0.5, n).astype(np.float32)
+        dead = rng.choice(n, n // 4, replace=False)
+        g[dead] = 0.0
+        b[dead] = 0.0
+        bn.set_weights([g, b, rng.normal(0, 0.1, n).astype(np.float32), rng.uniform(0.5, 2, n).astype(np.float32)])
+    small, info = shrink(m, 0.25, multiple=2)
+    x = _x(12, 3)
+    ref = m(x).numpy()
+    assert ref.std() > 0.1
+    np.testing.assert_allclose(small(x).numpy(), ref, rtol=1e-4, atol=1e-4)
+    assert small.get_layer("s1").pointwise_kernel.shape[2:] == (24, 24)  # 12 kept inputs x multiplier 2
+    assert small.get_layer("s2").depthwise_kernel.shape[2] == 24 and small.get_layer("c3").kernel.shape[2] == 18
+    # removing live channels changes the output: the check above can fail
+    worse, _ = shrink(m, 0.5, multiple=2)
+    assert np.abs(worse(x).numpy() - ref).max() > 1e-2
+
+
 def test_refusals() -> None:
     from edgebrain.converters.channel_pruning import shrink
     from edgebrain.errors import ModelError
