@@ -4,7 +4,7 @@
         --work artifacts/channel-w05 --md benchmarks/results/channel-pruning.md
 
 Converts the model twice with ``edgebrain.convert`` to TFLite / ONNX / OpenVINO int8 (verified,
-cached): dense, and with ``--prune-channels RATIO`` (bottleneck filters removed, fine-tuned on the
+cached): dense, and with ``--prune-channels RATIO`` (prunable filters removed, fine-tuned on the
 train split). Then one ``edgebrain bench`` run on the whole Testing split (with its deduplicated
 figure), 2 threads, against the dense model's TensorFlow FP32 reference: the six int8 artifacts
 and the pruned Keras model itself (FP32). Latency of the full-size ResNet50@224 with the same

@@ -38,7 +38,7 @@ def steps(data: str) -> list[list[str]]:
          "--epochs", "8", "--work", "artifacts/channel-w05", "--md", "artifacts/channel-w05.md"],
         [py, "benchmarks/int8_roofline.py", "--summary", "artifacts/bench-speed/resnet50/summary.json",
          "--out", "benchmarks/results/int8-roofline.md"],
-        [py, "benchmarks/bench_speed.py", "--model", "xception", "--data", data],
+        [py, "benchmarks/bench_speed.py", "--model", "xception", "--data", data, "--prune-channels", "0.25"],
         [py, "benchmarks/bench_harness.py", "--data", data],
         [py, "benchmarks/bench_scaling.py", "--model", LITE, "--data", data],
         [py, "benchmarks/bench_testing.py", "--model", LITE, "--data", data],
