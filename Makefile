@@ -37,9 +37,11 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 # ---------------------------------------------------------------- trained models (cached)
-# (a) lightweight variant on CPU, (b) full-depth ResNet50 at a reduced input size.
+# (a) lightweight variant on CPU, (b) full-depth ResNet50 at a reduced input size,
+# (c) fine-tune Xception (full depth) at width 0.25 and a reduced input size.
 LITE := $(MODELS)/resnet50-lite-128
 FULL := $(MODELS)/resnet50-w05-96
+XCEP := $(MODELS)/xception-ft-w025-96
 
 $(LITE)/model.keras: | venv check-data
 	$(EB) train resnet50-lite --data "$(DATA)" --out $(LITE) --size 128 --epochs 30 --batch-size 32 \
@@ -49,7 +51,11 @@ $(FULL)/model.keras: | venv check-data
 	$(EB) train resnet50 --data "$(DATA)" --out $(FULL) --size 96 --width 0.5 --epochs 16 --batch-size 32 \
 	  --lr 2e-3 --lr-schedule cosine --patience 16 --flip --seed 42 --overwrite
 
-models: $(LITE)/model.keras $(FULL)/model.keras
+$(XCEP)/model.keras: | venv check-data
+	$(EB) train xception-ft --data "$(DATA)" --out $(XCEP) --size 96 --width 0.25 --epochs 12 --batch-size 32 \
+	  --lr 2e-3 --lr-schedule cosine --patience 12 --flip --seed 42 --overwrite
+
+models: $(LITE)/model.keras $(FULL)/model.keras $(XCEP)/model.keras
 
 demo: venv check-data
 	$(PY) -m edgebrain.demo --data "$(DATA)" --out $(DEMO)

@@ -188,3 +188,63 @@ def test_agreement_mean_kl() -> None:
     further = np.array([[0.1, 0.9], [0.9, 0.1]])
     assert agreement(ref, further)["mean_kl"] > got["mean_kl"]
     assert np.isfinite(agreement(ref, np.array([[1.0, 0.0], [1.0, 0.0]]))["mean_kl"])  # a zero is floored
+
+
+
+class _PickyRunner:
+    """A stand-in runtime that refuses some inputs: by pixel checksum, or everything but the very
+    array object it was loaded with (the latency input)."""
+
+    name = "picky"
+
+    def __init__(self, refuse: set[float] | None = None, only_first_object: bool = False) -> None:
+        self.refuse = refuse or set()
+        self.only_first_object = only_first_object
+        self.first: np.ndarray | None = None
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        if self.first is None:
+            self.first = x
+        key = round(float(np.asarray(x, np.float64).sum()), 3)
+        if x.shape[0] != 1 or key in self.refuse or (self.only_first_object and x is not self.first):
+            raise RuntimeError(f"refused input {key}")
+        return np.full((x.shape[0], 4), 0.25, np.float32)
+
+
+def _job(images: list[Path]) -> dict:
+    timing = {"warmup": 1, "min_runs": 2, "min_seconds": 0.0, "batch": 4,
+              "throughput_min_runs": 1, "throughput_min_seconds": 0.0}
+    return {"images": [[p.name, str(p)] for p in images], "timing": timing, "label": "picky"}
+
+
+def test_measure_names_each_image_the_runtime_refused_and_keeps_the_rest(data_dir: Path, tmp_path: Path) -> None:
+    from edgebrain.imageio import load_for_model
+    from edgebrain.preprocess import PreprocessSpec
+    from edgebrain.remote import measure
+
+    imgs = sorted((data_dir / "Testing" / "glioma").glob("*.jpg"))[:4]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    spec = PreprocessSpec(height=32, width=32)
+    x_third = np.asarray(spec.apply(load_for_model(imgs[2], spec.size, spec.resize)), np.float64)
+    runner = _PickyRunner(refuse={round(float(x_third.sum()), 3)})
+    res = measure(_job([*imgs, broken]), lambda: runner, spec)
+    assert res["ok"] is True
+    problems = {f["file"]: f["problem"] for f in res["failed"]}
+    assert set(problems) == {imgs[2].name, "broken.jpg"}
+    assert problems[imgs[2].name].startswith("inference failed: RuntimeError: refused input")
+    assert "inference" not in problems["broken.jpg"]
+    assert res["ids"] == [imgs[0].name, imgs[1].name, imgs[3].name]
+    assert len(res["probs"]) == 3
+    assert res["throughput"]["batch"] == 1 and "not supported" in res["throughput"]["note"]
+
+
+def test_measure_fails_clearly_when_no_image_could_be_run(data_dir: Path) -> None:
+    from edgebrain.preprocess import PreprocessSpec
+    from edgebrain.remote import WorkerError, measure
+
+    imgs = sorted((data_dir / "Testing" / "meningioma").glob("*.jpg"))[:3]
+    # Load and latency calls pass (they reuse the latency input); every per-image call is refused.
+    runner = _PickyRunner(only_first_object=True)
+    with pytest.raises(WorkerError, match=rf"no image could be run: {imgs[0].name}: inference failed"):
+        measure(_job(imgs), lambda: runner, PreprocessSpec(height=32, width=32))
