@@ -112,3 +112,62 @@ def test_an_int8_artifact_with_no_int8_op_is_not_written(tiny_model: Path, data_
         convert(tiny_model, ["onnx"], ["int8"], tmp_path / "o", data=data_dir, verify_n=8, calib_size=8,
                 keep_float="resnet50_lite", int8_search=False, int8_fallback_below=None)
     assert not (tmp_path / "o" / "onnx-int8").exists()
+
+
+def _residual_relu(tmp_path: Path, data_dir: Path) -> Path:
+    """Xception's pattern: a tensor read by a ReLU *and* by a later addition."""
+    from edgebrain.modelcard import ModelCard
+    from edgebrain.preprocess import PreprocessSpec
+    from edgebrain.tfenv import import_tf
+
+    k = import_tf().keras
+    k.utils.set_random_seed(3)
+    inp = k.Input((32, 32, 3))
+    t = k.layers.Conv2D(8, 3, padding="same", bias_initializer=k.initializers.Constant(-0.3), name="pre")(inp)
+    r = k.layers.ReLU(name="shared_relu")(t)
+    u = k.layers.Conv2D(8, 3, padding="same", name="branch")(r)
+    s = k.layers.Add(name="residual")([t, u])
+    x = k.layers.GlobalAveragePooling2D()(k.layers.ReLU()(s))
+    src = tmp_path / "m-res"
+    src.mkdir()
+    k.Model(inp, k.layers.Dense(4, activation="softmax", name="predictions")(x)).save(src / "model.keras")
+    ModelCard("custom", CLASSES, PreprocessSpec.named("rescale", 32), [32, 32, 3],
+              data={"root": str(data_dir), "split_seed": 42}).save(src)
+    return src
+
+
+@pytest.mark.slow
+def test_qoperator_keeps_a_relu_whose_input_is_also_read_elsewhere(data_dir: Path, tmp_path: Path,
+                                                                  cache_env: Path) -> None:
+    """onnxruntime's QOperator quantiser drops a ReLU after a quantised op and relies on the producer's
+    range starting at 0, which it only sets when the ReLU is the tensor's sole reader. The shared ReLU
+    must survive (kept float), so the int8 model computes the same function as the FP32 one."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgebrain.convert import convert
+
+    src = _residual_relu(tmp_path, data_dir)
+    common: dict[str, Any] = dict(calib_size=32, verify_n=16, min_agreement=0.01, int8_fallback_below=None,
+                                  int8_search=False)
+    art = convert(src, ["onnx"], ["fp32", "int8"], tmp_path / "o", **common)
+    fp32, int8 = (a for a in sorted(art, key=lambda a: a.name))
+    q = load_manifest(int8.path).manifest["quantization"]
+    kept = q["activations_kept_float"]
+    assert len(kept) == 1 and "shared_relu" in kept[0] and kept[0] in q["nodes_excluded"]
+    relus = [n for n in onnx.load(str(int8.model_file)).graph.node if n.op_type == "Relu"]
+    assert [n.name for n in relus] == kept  # the other ReLU is folded into its convolution's range
+
+    # The int8 probabilities follow the FP32 ones (a dropped ReLU moves them 0.03 on these images).
+    from edgebrain import data as D
+
+    ds = D.scan(data_dir)
+    arr = D.load_arrays(D.subset(D.splits_for(ds)["val"], 8, seed=0), (32, 32))
+    x = arr.x.astype(np.float32) / 255.0
+
+    def probs(path: Path) -> np.ndarray:
+        s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return np.concatenate([s.run(None, {s.get_inputs()[0].name: x[i:i + 1]})[0] for i in range(len(x))])
+
+    p32, p8 = probs(fp32.model_file), probs(int8.model_file)
+    assert np.abs(p8 - p32).max() < 0.005, np.abs(p8 - p32).max()
