@@ -44,8 +44,9 @@ LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identi
 def onnx_ops(path: Path) -> dict[str, Any]:
     """Count quantised vs float compute nodes of an ONNX graph.
 
-    QOperator nodes (``QLinear*``, ``*Integer``) count as int8; in QDQ graphs a node whose inputs
-    (weights included) all come from DequantizeLinear counts as int8 (the runtime fuses it).
+    QOperator nodes (``QLinear*``, ``*Integer``) count as int8, and so does a node that reads only
+    their 8-bit outputs (MaxPool on uint8); in QDQ graphs a node whose inputs (weights included) all
+    come from DequantizeLinear counts as int8 (the runtime fuses it).
     Q/DQ nodes are ``boundary_ops``; pure layout ops (Reshape, Transpose, ...) are ``layout_ops``."""
     import onnx
 
@@ -56,14 +57,28 @@ def onnx_ops(path: Path) -> dict[str, Any]:
     q: Counter[str] = Counter()
     f: Counter[str] = Counter()
     boundary = layout = 0
+    # tensors holding 8-bit data: outputs of QuantizeLinear / QLinear* nodes, and of the nodes that
+    # read only such tensors (QOperator graphs run MaxPool and layout ops directly on uint8)
+    int8_data: set[str] = set()
     for n in g.node:
         t = n.op_type
+        data_ins = [i for i in n.input if i and i not in inits]
+        on_int8 = bool(data_ins) and all(i in int8_data for i in data_ins)
         if t in BOUNDARY:
             boundary += 1
+            if t == "QuantizeLinear":
+                int8_data.update(n.output)
         elif t.startswith("QLinear") or t in INTEGER_OPS:
             q[t] += 1
+            if t.startswith("QLinear"):
+                int8_data.update(n.output)
         elif t in LAYOUT_OPS or t == "Constant":
             layout += 1
+            if on_int8:
+                int8_data.update(n.output)
+        elif on_int8:
+            q[t] += 1
+            int8_data.update(n.output)
         else:
             # QDQ: every input (weights and bias included) comes from a DequantizeLinear; a float
             # initializer feeding the node means it computes in float.

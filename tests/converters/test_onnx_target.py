@@ -171,3 +171,29 @@ def test_qoperator_keeps_a_relu_whose_input_is_also_read_elsewhere(data_dir: Pat
 
     p32, p8 = probs(fp32.model_file), probs(int8.model_file)
     assert np.abs(p8 - p32).max() < 0.005, np.abs(p8 - p32).max()
+
+
+def test_op_count_sees_maxpool_on_uint8_as_int8(tmp_path: Path) -> None:
+    """QOperator graphs run MaxPool directly on the uint8 output of a QLinear op: int8, not float.
+    A MaxPool on float data stays float."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from edgebrain.converters.onnx_target import onnx_ops
+
+    inits = [nh.from_array(np.array(0.1, np.float32), "s"), nh.from_array(np.array(0, np.uint8), "z")]
+    pool = {"kernel_shape": [2, 2]}
+    nodes = [h.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"),
+             h.make_node("MaxPool", ["xq"], ["pq"], name="pool_u8", **pool),
+             h.make_node("DequantizeLinear", ["pq", "s", "z"], ["y"], name="dq"),
+             h.make_node("MaxPool", ["x"], ["y2"], name="pool_f32", **pool)]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 1, 8, 8])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None), h.make_tensor_value_info("y2", T.FLOAT, None)],
+                     inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]), str(path))
+    ops = onnx_ops(path)
+    assert ops["op_counts"] == {"quantized": {"MaxPool": 1}, "float": {"MaxPool": 1}}
+    assert ops["boundary_ops"] == 2
