@@ -29,9 +29,19 @@ def _activation_scales(model_file: Path) -> dict[str, float]:
     return out
 
 
-def _tiny(tmp_path: Path, data_dir: Path, dense_head: bool = False) -> Path:
+def _save(model: Any, src: Path, data_dir: Path) -> Path:
+    """``model`` as a source folder: model.keras plus a model card (rescale, 32 px, the real data)."""
     from edgebrain.modelcard import ModelCard
     from edgebrain.preprocess import PreprocessSpec
+
+    src.mkdir()
+    model.save(src / "model.keras")
+    ModelCard("custom", CLASSES, PreprocessSpec.named("rescale", 32), [32, 32, 3],
+              data={"root": str(data_dir), "split_seed": 42}).save(src)
+    return src
+
+
+def _tiny(tmp_path: Path, data_dir: Path, dense_head: bool = False) -> Path:
     from edgebrain.tfenv import import_tf
 
     k = import_tf().keras
@@ -42,11 +52,7 @@ def _tiny(tmp_path: Path, data_dir: Path, dense_head: bool = False) -> Path:
     if dense_head:
         x = k.layers.Dense(16, activation="relu", name="hidden")(x)
     src = tmp_path / ("m-dense" if dense_head else "m")
-    src.mkdir()
-    k.Model(inp, k.layers.Dense(4, activation="softmax", name="predictions")(x)).save(src / "model.keras")
-    ModelCard("custom", CLASSES, PreprocessSpec.named("rescale", 32), [32, 32, 3],
-              data={"root": str(data_dir), "split_seed": 42}).save(src)
-    return src
+    return _save(k.Model(inp, k.layers.Dense(4, activation="softmax", name="predictions")(x)), src, data_dir)
 
 
 @pytest.mark.slow
@@ -116,8 +122,6 @@ def test_an_int8_artifact_with_no_int8_op_is_not_written(tiny_model: Path, data_
 
 def _residual_relu(tmp_path: Path, data_dir: Path) -> Path:
     """Xception's pattern: a tensor read by a ReLU *and* by a later addition."""
-    from edgebrain.modelcard import ModelCard
-    from edgebrain.preprocess import PreprocessSpec
     from edgebrain.tfenv import import_tf
 
     k = import_tf().keras
@@ -129,11 +133,7 @@ def _residual_relu(tmp_path: Path, data_dir: Path) -> Path:
     s = k.layers.Add(name="residual")([t, u])
     x = k.layers.GlobalAveragePooling2D()(k.layers.ReLU()(s))
     src = tmp_path / "m-res"
-    src.mkdir()
-    k.Model(inp, k.layers.Dense(4, activation="softmax", name="predictions")(x)).save(src / "model.keras")
-    ModelCard("custom", CLASSES, PreprocessSpec.named("rescale", 32), [32, 32, 3],
-              data={"root": str(data_dir), "split_seed": 42}).save(src)
-    return src
+    return _save(k.Model(inp, k.layers.Dense(4, activation="softmax", name="predictions")(x)), src, data_dir)
 
 
 @pytest.mark.slow
