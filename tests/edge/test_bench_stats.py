@@ -190,7 +190,6 @@ def test_agreement_mean_kl() -> None:
     assert np.isfinite(agreement(ref, np.array([[1.0, 0.0], [1.0, 0.0]]))["mean_kl"])  # a zero is floored
 
 
-
 class _PickyRunner:
     """A stand-in runtime that refuses some inputs: by pixel checksum, or everything but the very
     array object it was loaded with (the latency input)."""
