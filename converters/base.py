@@ -79,6 +79,7 @@ class Built:
     ops: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)  # every file of the artifact (model_file included)
+    names: dict[str, Any] | None = None  # debugging names removed from the model file (strip_names)
 
 
 class Target(ABC):
@@ -130,6 +131,49 @@ class Target(ABC):
         from edgebrain.runtime import load_runner
 
         return load_runner(artifact, threads=threads, use_registry=False)  # no loop back to this target
+
+
+def equalized_source(ctx: BuildContext) -> tuple[Source, dict[str, Any]]:
+    """``ctx.source`` after cross-layer equalisation of its depthwise -> pointwise pairs, checked on
+    the first 32 calibration images, and the manifest block that says so."""
+    probe = ctx.calib().x[:32] if ctx.calibration is not None else None
+    eq, rep = ctx.source.equalized(probe)
+    spreads = [(r["spread_before"], r["spread_after"]) for r in rep["layers"]]
+    block = {"method": "cross-layer equalisation of depthwise -> pointwise pairs (Nagel et al. 2019); "
+                       "the float model is unchanged",
+             "pairs": rep["pairs"],
+             "depthwise_range_spread": ({"before_median": float(np.median([b for b, _ in spreads])),
+                                         "after_median": float(np.median([a for _, a in spreads])),
+                                         "before_max": float(max(b for b, _ in spreads)),
+                                         "after_max": float(max(a for _, a in spreads))} if spreads else None),
+             "max_abs_dp_vs_source": rep.get("max_abs_dp_vs_source")}
+    return eq, block
+
+
+def equalize_wanted(ctx: BuildContext, per_channel: bool) -> bool:
+    """The ``equalize`` option: auto (per-tensor weights on a model with depthwise convolutions),
+    True (every int8 build of a Keras source) or False."""
+    opt = ctx.options.get("equalize", "auto")
+    if not ctx.source.is_keras:
+        if opt is True:
+            raise ConversionError("--equalize needs a Keras source (cross-layer equalisation rescales its weights)")
+        return False
+    if isinstance(opt, bool):
+        return opt
+    if str(opt).lower() != "auto":
+        raise ConversionError(f"equalize must be true, false or auto, got {opt!r}")
+    return not per_channel and depthwise_layers(ctx.source.model) > 0
+
+
+def depthwise_layers(model: Any) -> int:
+    """Depthwise / separable convolution layers in a Keras model (nested models included)."""
+    n = 0
+    for layer in getattr(model, "layers", []):
+        if type(layer).__name__ in ("DepthwiseConv2D", "SeparableConv2D"):
+            n += 1
+        elif getattr(layer, "layers", None):
+            n += depthwise_layers(layer)
+    return n
 
 
 def gzip_size(path: Path) -> int:

@@ -24,7 +24,15 @@ from typing import Any
 
 from edgebrain.calibration import resolve_method
 
-from .base import BuildContext, Built, ConversionError, Target
+from .base import (
+    BuildContext,
+    Built,
+    ConversionError,
+    Target,
+    depthwise_layers,
+    equalize_wanted,
+    equalized_source,
+)
 from .registry import register
 from .source import DEFAULT_OPSET, MIN_OPSET
 
@@ -39,6 +47,46 @@ LOGITS_OPS = {"MatMul", "Gemm", "Add", "Softmax", "Sigmoid", "Identity", "Reshap
 ENTROPY_BINS = {"num_bins": 2048, "num_quantized_bins": 128}
 LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Shape", "Gather",
               "Concat", "Slice"}
+
+
+def shorten_names(path: Path) -> dict[str, Any] | None:
+    """Rename the intermediate tensors and initializers of the ONNX file at ``path`` to ``t0``,
+    ``t1``, ... and its nodes to ``n0``, ``n1``, ...; drop doc strings. The graph's inputs and
+    outputs keep their names, so runners and callers see the same interface. Graphs with
+    subgraphs (If/Loop) are left as they are (returns None). Returns what was done."""
+    import onnx
+
+    before = path.stat().st_size
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return None
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in g.initializer):
+        return None
+    keep = {v.name for v in g.input} | {v.name for v in g.output}
+    new: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        return new.setdefault(name, f"t{len(new)}")
+
+    for t in g.initializer:
+        t.name = short(t.name)
+    for i, n in enumerate(g.node):
+        n.input[:] = [short(x) for x in n.input]
+        n.output[:] = [short(x) for x in n.output]
+        n.name = f"n{i}"
+        n.doc_string = ""
+    for v in g.value_info:
+        v.name = short(v.name)
+    g.doc_string = ""
+    part = path.with_name(path.name + ".partial")
+    onnx.save(model, str(part))
+    part.replace(path)
+    return {"stripped": f"{len(new)} tensor names shortened to t<i>, {len(g.node)} node names to n<i> "
+                        "(graph inputs and outputs keep theirs)",
+            "bytes_saved": before - path.stat().st_size}
 
 
 def onnx_ops(path: Path) -> dict[str, Any]:
@@ -128,26 +176,58 @@ class ONNXTarget(Target):
         "onnx_format": "qoperator",
         "onnx_activations": "u8",
         "onnx_weights": "s8",
-        "onnx_per_channel": True,
+        "onnx_per_channel": "auto",
         "onnx_reduce_range": False,
         "float_head": False,
         "float_logits": True,
+        "strip_names": True,
     }
     option_help = {
         "opset": f"ONNX opset of the export (>= {MIN_OPSET})",
         "onnx_format": "int8 graph form: qoperator (QLinearConv...) or qdq (Quantize/DequantizeLinear pairs)",
         "onnx_activations": "int8 activation type: u8 or s8",
         "onnx_weights": "int8 weight type: s8 or u8",
-        "onnx_per_channel": "per-channel weight scales",
+        "onnx_per_channel": "int8 weight scales: per-channel (True), per-tensor (False), or auto (default): "
+                            "per-channel, except for a model with depthwise convolutions when the int8 build "
+                            "is verified on the validation split: per-tensor after cross-layer equalisation "
+                            "(--equalize), with per-channel as its first fallback",
+        "equalize": "TFLite/ONNX int8: cross-layer equalisation of depthwise -> pointwise convolution pairs "
+                    "before quantising (see the tflite target)",
         "onnx_reduce_range": "7-bit weights (for x86 CPUs without VNNI, where U8S8 can saturate)",
         "float_logits": "int8 (ONNX, TFLite): keep the last classifier layer (logits, softmax) in float, so "
                         "close class scores are not rounded onto one 8-bit step (default on; costs classes x "
                         "features x 3 bytes)",
     }
 
+    @staticmethod
+    def _per_channel(ctx: BuildContext) -> tuple[bool, str]:
+        """(per-channel weight scales?, why) from the onnx_per_channel option."""
+        opt = ctx.options.get("onnx_per_channel", "auto")
+        if isinstance(opt, bool):
+            return opt, "set explicitly"
+        if str(opt).lower() != "auto":
+            raise ConversionError(f"onnx_per_channel must be true, false or auto, got {opt!r}")
+        dw = depthwise_layers(ctx.source.model) if ctx.source.is_keras else 0
+        if not dw:
+            return True, "auto: per-channel"
+        if not ctx.int8_checked:
+            return True, "auto: per-channel (the int8 build is not verified with fallbacks)"
+        if ctx.options.get("equalize", "auto") is False:
+            return True, f"auto: per-channel ({dw} depthwise/separable convolution layer(s), no equalisation)"
+        return False, (f"auto: per-tensor ({dw} depthwise/separable convolution layer(s), cross-layer equalised; "
+                       "verified on the validation split, per-channel is the first fallback)")
+
+    def int8_fallbacks_for(self, ctx: BuildContext) -> list[dict[str, Any]]:
+        if ctx.options.get("onnx_per_channel", "auto") == "auto" and not self._per_channel(ctx)[0]:
+            return [{"onnx_per_channel": True}, *self.int8_fallbacks]
+        return list(self.int8_fallbacks)
+
     def build(self, ctx: BuildContext, precision: str, out: Path) -> Built:
         src = ctx.source
         opset = int(ctx.options.get("opset", DEFAULT_OPSET))
+        equalization = None
+        if precision == "int8" and equalize_wanted(ctx, self._per_channel(ctx)[0]):
+            src, equalization = equalized_source(ctx)
         export = src.export_onnx(ctx.workdir, opset)
         dst = out / MODEL_FILE
         warnings: list[str] = []
@@ -166,7 +246,8 @@ class ONNXTarget(Target):
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             pre = self._preprocessed(export, ctx.workdir)
-            per_channel = bool(ctx.options.get("onnx_per_channel", True))
+            opt = ctx.options.get("onnx_per_channel", "auto")
+            per_channel = opt if isinstance(opt, bool) else True
             quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
                              reduce_range=bool(ctx.options.get("onnx_reduce_range", False)))
             quant = {"scheme": "dynamic", "weights": "int8", "per_channel": per_channel,
@@ -179,13 +260,16 @@ class ONNXTarget(Target):
                                       "onnx.version_converter.convert_version (fp32/fp16 convert as they are)")
             quant, calib_block, warn = self._static(ctx, export, dst)
             warnings += warn
+            if equalization is not None:
+                quant["equalization"] = equalization
         else:  # pragma: no cover - guarded by unsupported()
             raise ConversionError(f"onnx: unsupported precision {precision}")
+        names = shorten_names(dst) if ctx.options.get("strip_names", True) else None
         ops = self.count_ops(dst)
         if precision == "int8" and ops and ops["float_ops"]:
             warnings.append(f"{ops['float_ops']} op(s) run in float: {', '.join(ops['float_op_types'])}")
         return Built(model_file=MODEL_FILE, quantization=quant, calibration=calib_block, ops=ops,
-                     warnings=warnings, files=[MODEL_FILE], runtime_options={})
+                     warnings=warnings, files=[MODEL_FILE], runtime_options={}, names=names)
 
     @staticmethod
     def _preprocessed(export: Path, workdir: Path) -> Path:
@@ -243,7 +327,7 @@ class ONNXTarget(Target):
             def rewind(self) -> None:
                 self._it = iter(cs.batches(batch))
 
-        per_channel = bool(o.get("onnx_per_channel", True))
+        per_channel, why = self._per_channel(ctx)
         reduce_range = bool(o.get("onnx_reduce_range", False))
         float_head = bool(o.get("float_head", False))
         exclude = [n.name for n in g.node
@@ -277,7 +361,7 @@ class ONNXTarget(Target):
             if cache is not None:
                 cache.unlink(missing_ok=True)
         quant = {"scheme": "static", "format": fmt, "activations": f"{act} per-tensor", "weights": wt,
-                 "per_channel": per_channel, "reduce_range": reduce_range,
+                 "per_channel": per_channel, "weight_scales": why, "reduce_range": reduce_range,
                  "tool": "onnxruntime.quantization.quantize_static", "preprocess": "quant_pre_process",
                  "float_head": float_head, "float_logits": bool(logits), "nodes_excluded": exclude,
                  "float_stages": list(ctx.float_stages), "float_scopes": list(ctx.float_scopes),

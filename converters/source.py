@@ -44,8 +44,10 @@ class Source:
     warnings: list[str] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
     derived_from: dict[str, Any] | None = None  # set when this is a pruned copy of another source
+    export_tag: str = ""  # distinguishes this source's export files from another's in one workdir
     _session: Any = None
     _onnx_exports: dict[int, Path] = field(default_factory=dict)
+    _equalized: tuple[Source, dict[str, Any]] | None = None
 
     # -------------------------------------------------------------- description
 
@@ -104,6 +106,36 @@ class Source:
 
         return serve
 
+    def equalized(self, probe: np.ndarray | None = None) -> tuple[Source, dict[str, Any]]:
+        """A copy of this (Keras) source with every depthwise -> pointwise pair rescaled by
+        cross-layer equalisation (:mod:`edgebrain.converters.equalize`): the same function, weight
+        ranges that suit one int8 scale per tensor. ``probe`` (preprocessed images) checks that the
+        copy computes what the source does; the report records the largest probability difference.
+        Cached: built once per source."""
+        import dataclasses
+        import importlib
+
+        from .equalize import equalize_depthwise
+
+        if self._equalized is not None:
+            return self._equalized
+        if not self.is_keras:
+            raise ModelError(f"{self.path}: cross-layer equalisation needs a Keras model")
+        keras_mod = importlib.import_module(type(self.model).__module__.split(".")[0])  # tf_keras or keras
+        clone = keras_mod.models.clone_model(self.model)
+        clone.set_weights(self.model.get_weights())
+        rep = equalize_depthwise(clone)
+        eq = dataclasses.replace(self, model=clone, export_tag="-equalized", _session=None, _onnx_exports={},
+                                 _equalized=None, warnings=list(self.warnings), notes=dict(self.notes))
+        if probe is not None and len(probe):
+            dp = float(np.abs(self.predict(probe) - eq.predict(probe)).max())
+            rep["max_abs_dp_vs_source"] = dp
+            if dp > 1e-3:
+                raise ModelError(f"{self.path}: the cross-layer equalised copy differs from the model "
+                                 f"(max |dp| {dp:.2g} on {len(probe)} images); not used")
+        self._equalized = (eq, rep)
+        return self._equalized
+
     def export_onnx(self, workdir: Path, opset: int = DEFAULT_OPSET) -> Path:
         """The float ONNX graph (tf2onnx for Keras sources; the NHWC source graph for ONNX)."""
         if opset < MIN_OPSET:
@@ -121,7 +153,7 @@ class Source:
         import tf2onnx
 
         logging.getLogger("tf2onnx").setLevel(logging.ERROR)
-        out = Path(workdir) / f"export-opset{opset}.onnx"
+        out = Path(workdir) / f"export{self.export_tag}-opset{opset}.onnx"
         spec = [tf.TensorSpec((None, *self.input_shape), tf.float32, name="input")]
         try:
             tf2onnx.convert.from_function(self.tf_function(), input_signature=spec, opset=opset,

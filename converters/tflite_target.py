@@ -12,7 +12,15 @@ import numpy as np
 
 from edgebrain.calibration import resolve_method
 
-from .base import BuildContext, Built, ConversionError, Target
+from .base import (
+    BuildContext,
+    Built,
+    ConversionError,
+    Target,
+    depthwise_layers,
+    equalize_wanted,
+    equalized_source,
+)
 from .registry import register
 
 MODEL_FILE = "model.tflite"
@@ -22,15 +30,23 @@ FLOAT_TYPES = {"float32", "float16", "float64"}
 QUANT_TYPES = {"int8", "uint8", "int16"}
 
 
-def _depthwise_layers(model: Any) -> int:
-    """Depthwise / separable convolution layers in a Keras model (nested models included)."""
+def strip_tensor_names(blob: bytes) -> tuple[bytes, dict[str, Any]]:
+    """``blob`` without the model description, subgraph and tensor names (``flatbuffer_utils``, as
+    TensorFlow's ``strip_strings``), but with its signatures, which name only the inputs and
+    outputs (so ``get_signature_runner`` still works). Returns the model and what was removed."""
+    from tensorflow.lite.tools import flatbuffer_utils as fbu
+
+    m = fbu.convert_bytearray_to_object(bytearray(blob))
     n = 0
-    for layer in getattr(model, "layers", []):
-        if type(layer).__name__ in ("DepthwiseConv2D", "SeparableConv2D"):
-            n += 1
-        elif getattr(layer, "layers", None):
-            n += _depthwise_layers(layer)
-    return n
+    m.description = None
+    for sg in m.subgraphs:
+        sg.name = None
+        for t in sg.tensors:
+            n += t.name is not None
+            t.name = None
+    out = bytes(fbu.convert_object_to_bytearray(m))
+    return out, {"stripped": f"{n} tensor names, model description (signatures kept)",
+                 "bytes_saved": len(blob) - len(out)}
 
 
 def tflite_ops(model: bytes | Path) -> dict[str, Any]:
@@ -86,19 +102,27 @@ class TFLiteTarget(Target):
     not_supported = {"bf16": "TFLite has no bf16 model type"}
     int8_fallbacks = [{"tflite_per_channel": True}, {"tflite_per_channel": True, "float_head": True}]
     options = {"tflite_io": "float", "tflite_float_fallback": True, "tflite_per_channel": "auto", "float_head": False,
-               "float_logits": True}
+               "float_logits": True, "equalize": "auto", "strip_names": True}
     option_help = {
         "tflite_io": "int8 model inputs/outputs: 'float' (QUANTIZE/DEQUANTIZE inside the model) or 'int8' "
                      "(fully integer; the runner quantises the input)",
         "tflite_float_fallback": "if an op has no int8 kernel, keep it in float (listed in the manifest) "
                                  "instead of failing",
         "tflite_per_channel": "int8 weight scales: per-channel (True), per-tensor (False: one scale per "
-                              "tensor, a smaller file, usually less accurate for depthwise convolutions), or "
-                              "auto (default): per-tensor for a model without depthwise convolutions when the "
-                              "int8 build is verified on the validation split, with per-channel as its first "
-                              "fallback; per-channel otherwise",
+                              "tensor, a smaller file; depthwise convolutions need cross-layer equalisation "
+                              "for it), or auto (default): per-tensor when the int8 build is verified on the "
+                              "validation split (after equalisation for a model with depthwise convolutions), "
+                              "with per-channel as its first fallback; per-channel when not verified",
         "float_head": "int8: keep the classifier head (fully-connected layers and softmax) in float; the "
                       "convolutions stay int8 (all targets)",
+        "equalize": "TFLite/ONNX int8: cross-layer equalisation of depthwise -> pointwise convolution pairs "
+                    "before quantising (an exact rescaling of the float weights that suits one scale per "
+                    "tensor): auto (default: with per-tensor weight scales on models with depthwise "
+                    "convolutions), true (always), false (never)",
+        "strip_names": "TFLite/ONNX: drop the debugging names of intermediate tensors and nodes from the model "
+                       "file, every precision (default on): TFLite tensor names, as TensorFlow's strip_strings "
+                       "does but keeping the signature; ONNX names shortened to t0, t1, ... (inputs and outputs "
+                       "keep theirs). Tens of kB, a few % of a small model's int8 file",
     }
 
     def unsupported(self, precision: str, source_format: str) -> str | None:
@@ -114,13 +138,15 @@ class TFLiteTarget(Target):
             return opt, "set explicitly"
         if str(opt).lower() != "auto":
             raise ConversionError(f"tflite_per_channel must be true, false or auto, got {opt!r}")
-        dw = _depthwise_layers(ctx.source.model) if ctx.source.is_keras else 0
-        if dw:
-            return True, f"auto: per-channel ({dw} depthwise/separable convolution layer(s))"
         if not ctx.int8_checked:
             return True, "auto: per-channel (the int8 build is not verified with fallbacks)"
-        return False, ("auto: per-tensor (no depthwise convolution; verified on the validation split, "
-                       "per-channel is the first fallback)")
+        dw = depthwise_layers(ctx.source.model) if ctx.source.is_keras else 0
+        if dw and ctx.options.get("equalize", "auto") is False:
+            return True, f"auto: per-channel ({dw} depthwise/separable convolution layer(s), no equalisation)"
+        return False, ("auto: per-tensor ("
+                       + (f"{dw} depthwise/separable convolution layer(s), cross-layer equalised; " if dw else
+                          "no depthwise convolution; ")
+                       + "verified on the validation split, per-channel is the first fallback)")
 
     def int8_fallbacks_for(self, ctx: BuildContext) -> list[dict[str, Any]]:
         if ctx.options.get("tflite_per_channel", "auto") == "auto" and not self._per_channel(ctx)[0]:
@@ -156,7 +182,12 @@ class TFLiteTarget(Target):
             c.representative_dataset = gen
             return cs.manifest(method, "tflite")
 
-        c = tf.lite.TFLiteConverter.from_keras_model(src.model)
+        model = src.model
+        equalization = None
+        if precision in ("int8", "int16x8") and equalize_wanted(ctx, self._per_channel(ctx)[0]):
+            eq, equalization = equalized_source(ctx)
+            model = eq.model
+        c = tf.lite.TFLiteConverter.from_keras_model(model)
         if precision == "fp32":
             pass
         elif precision == "fp16":
@@ -245,6 +276,11 @@ class TFLiteTarget(Target):
                           "float_logits_nodes": []})
             warnings.append(f"full-integer {precision} was not possible ({str(exc).splitlines()[0][:200]}); "
                             "ops without integer kernels stay in float (see ops.float_op_types)")
+        if equalization is not None and quant is not None:
+            quant["equalization"] = equalization
+        names = None
+        if ctx.options.get("strip_names", True):
+            blob, names = strip_tensor_names(blob)
         (out / MODEL_FILE).write_bytes(blob)
         ops = self.count_ops(out / MODEL_FILE)
         if precision in ("int8", "int16x8") and ops and ops["float_ops"]:
@@ -253,7 +289,7 @@ class TFLiteTarget(Target):
             warnings.append(f"{ops['hybrid_ops']} op(s) run in float with int8 weights (hybrid): "
                             f"{', '.join(ops['hybrid_op_types'])}")
         return Built(model_file=MODEL_FILE, quantization=quant, calibration=calib_block, ops=ops,
-                     warnings=warnings, files=[MODEL_FILE])
+                     warnings=warnings, files=[MODEL_FILE], names=names)
 
     @staticmethod
     def _selective(tf: Any, c: Any, float_head: bool, scopes: list[str],

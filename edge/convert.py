@@ -770,6 +770,7 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
             "channel_pruning": channel_pruning,
             "runtime_options": built.runtime_options,
             "ops": built.ops,
+            "names": built.names,
             "size": file_sizes(build, built.files),
             "runtime": j.target.runtime,
         }

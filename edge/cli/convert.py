@@ -95,15 +95,23 @@ def _command_line() -> str | None:
 @click.option("--tflite-float-fallback/--no-tflite-float-fallback", default=None,
               help="Keep ops without int8 kernels in float (listed in the manifest) instead of failing (default on).")
 @click.option("--tflite-per-channel/--tflite-per-tensor", default=None,
-              help="TFLite int8 weight scales (default auto: per-tensor for models without depthwise "
-                   "convolutions when verified, per-channel as its fallback; per-channel otherwise).")
+              help="TFLite int8 weight scales (default auto: per-tensor when verified, after cross-layer "
+                   "equalisation for models with depthwise convolutions, per-channel as its fallback; "
+                   "per-channel when not verified).")
+@click.option("--equalize/--no-equalize", "equalize", default=None,
+              help="TFLite/ONNX int8: cross-layer equalisation of depthwise -> pointwise convolution pairs "
+                   "(an exact rescaling of the float weights that suits one scale per tensor). Default: "
+                   "with per-tensor weight scales on models with depthwise convolutions.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (>= 13, default 17).")
 @click.option("--onnx-format", type=click.Choice(["qoperator", "qdq"]), default=None,
               help="ONNX int8 form (default qoperator).")
 @click.option("--onnx-activations", type=click.Choice(["u8", "s8"]), default=None,
               help="ONNX int8 activations (default u8).")
 @click.option("--onnx-weights", type=click.Choice(["s8", "u8"]), default=None, help="ONNX int8 weights (default s8).")
-@click.option("--onnx-per-channel/--onnx-per-tensor", default=None, help="ONNX weight scales (default per-channel).")
+@click.option("--onnx-per-channel/--onnx-per-tensor", default=None,
+              help="ONNX int8 weight scales (default auto: per-channel; per-tensor after cross-layer "
+                   "equalisation for models with depthwise convolutions when verified, per-channel as its "
+                   "fallback).")
 @click.option("--onnx-reduce-range", is_flag=True, default=None,
               help="7-bit ONNX weights (x86 CPUs without VNNI).")
 @click.option("--openvino-from", type=click.Choice(["onnx", "saved_model"]), default=None,
@@ -134,6 +142,10 @@ def _command_line() -> str | None:
                    "openvino's converter saves them, so the biases stay FP16 in the int8 IR (smaller file, "
                    "same int8 kernels); fp32: f32 biases. Default: fp16, but fp32 when layers stay float "
                    "(--max-drop, --float-head, float scopes), so they keep f32 weights.")
+@click.option("--strip-names/--keep-names", "strip_names", default=None,
+              help="TFLite/ONNX: drop the names of intermediate tensors and nodes from the model file "
+                   "(default; every precision; inputs, outputs and TFLite signatures keep theirs) or keep "
+                   "them for debugging.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def command(model: Path, targets: str, precisions: str, out: Path, as_json: bool, **kw: Any) -> None:
     """Convert MODEL (a model folder or .keras/.h5/SavedModel from `edgebrain train`, a Keras 3

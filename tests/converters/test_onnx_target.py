@@ -62,7 +62,9 @@ def test_entropy_calibration_is_not_min_max(data_dir: Path, tmp_path: Path, cach
     from edgebrain.convert import convert
 
     src = _tiny(tmp_path, data_dir)
-    common: dict[str, Any] = dict(calib_size=32, verify_n=16, min_agreement=0.01, int8_fallback_below=None)
+    # keep onnxruntime's tensor names: they tell the activation scales apart
+    common: dict[str, Any] = dict(calib_size=32, verify_n=16, min_agreement=0.01, int8_fallback_below=None,
+                                  strip_names=False)
     mm = convert(src, "onnx", "int8", tmp_path / "mm", calib_method="minmax", **common)[0]
     en = convert(src, "onnx", "int8", tmp_path / "en", calib_method="entropy", **common)[0]
     q = load_manifest(en.path).manifest
@@ -149,7 +151,7 @@ def test_qoperator_keeps_a_relu_whose_input_is_also_read_elsewhere(data_dir: Pat
 
     src = _residual_relu(tmp_path, data_dir)
     common: dict[str, Any] = dict(calib_size=32, verify_n=16, min_agreement=0.01, int8_fallback_below=None,
-                                  int8_search=False)
+                                  int8_search=False, strip_names=False)  # node names identify the ReLUs
     art = convert(src, ["onnx"], ["fp32", "int8"], tmp_path / "o", **common)
     fp32, int8 = (a for a in sorted(art, key=lambda a: a.name))
     q = load_manifest(int8.path).manifest["quantization"]
@@ -197,3 +199,45 @@ def test_op_count_sees_maxpool_on_uint8_as_int8(tmp_path: Path) -> None:
     ops = onnx_ops(path)
     assert ops["op_counts"] == {"quantized": {"MaxPool": 1}, "float": {"MaxPool": 1}}
     assert ops["boundary_ops"] == 2
+
+
+def test_shorten_names_keeps_the_function_and_the_interface(tmp_path: Path) -> None:
+    """Intermediate tensors, initializers and nodes get short names; the graph's inputs and outputs
+    keep theirs; outputs are bitwise the same; the file shrinks."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from edgebrain.converters.onnx_target import shorten_names
+
+    rng = np.random.default_rng(0)
+    long = "model/block_with_a_long_name/"
+    inits = [nh.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), long + "conv/kernel"),
+             nh.from_array(rng.normal(size=4).astype(np.float32), long + "conv/bias")]
+    nodes = [h.make_node("Conv", ["image", long + "conv/kernel", long + "conv/bias"], [long + "conv:0"],
+                         name=long + "Conv2D", doc_string="exported by a converter", pads=[1, 1, 1, 1]),
+             h.make_node("Relu", [long + "conv:0"], [long + "relu:0"], name=long + "Relu"),
+             h.make_node("ReduceMean", [long + "relu:0"], ["probs"], name=long + "Mean", axes=[2, 3], keepdims=0)]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("image", T.FLOAT, [1, 3, 8, 8])],
+                     [h.make_tensor_value_info("probs", T.FLOAT, [1, 4])], inits,
+                     value_info=[h.make_tensor_value_info(long + "conv:0", T.FLOAT, [1, 4, 8, 8])])
+    path = tmp_path / "m.onnx"
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), str(path))
+    x = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
+    before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    size = path.stat().st_size
+
+    done = shorten_names(path)
+
+    assert done is not None and done["bytes_saved"] == size - path.stat().st_size > 0
+    m = onnx.load(str(path))
+    onnx.checker.check_model(m)
+    names = [*(i.name for i in m.graph.initializer), *(o for n in m.graph.node for o in n.output),
+             *(n.name for n in m.graph.node), *(v.name for v in m.graph.value_info)]
+    assert not any(long in n for n in names), names
+    assert [i.name for i in m.graph.input] == ["image"] and [o.name for o in m.graph.output] == ["probs"]
+    assert all(not n.doc_string for n in m.graph.node)
+    after = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    assert np.array_equal(before, after)

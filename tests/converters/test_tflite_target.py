@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from edgebrain.artifact import load_manifest
-from edgebrain.converters.base import BuildContext
-from edgebrain.converters.tflite_target import TFLiteTarget, _depthwise_layers
+from edgebrain.converters.base import BuildContext, depthwise_layers, equalize_wanted
+from edgebrain.converters.onnx_target import ONNXTarget
+from edgebrain.converters.tflite_target import TFLiteTarget
 
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 
@@ -31,29 +32,51 @@ def _keras(depthwise_nested: bool) -> Any:
     return k.Model(inp, k.layers.Dense(4, activation="softmax")(x))
 
 
-def _ctx(model: Any, checked: bool, opt: Any = "auto") -> BuildContext:
+def _ctx(model: Any, checked: bool, opt: Any = "auto", equalize: Any = "auto") -> BuildContext:
     src = SimpleNamespace(model=model, is_keras=True)
-    return BuildContext(source=src, workdir=Path("."), options={"tflite_per_channel": opt},  # type: ignore[arg-type]
+    return BuildContext(source=src, workdir=Path("."),  # type: ignore[arg-type]
+                        options={"tflite_per_channel": opt, "onnx_per_channel": opt, "equalize": equalize},
                         int8_checked=checked)
 
 
 def test_auto_weight_scales_rule() -> None:
     t = TFLiteTarget()
     plain, dw = _keras(False), _keras(True)
-    assert _depthwise_layers(plain) == 0 and _depthwise_layers(dw) == 1
+    assert depthwise_layers(plain) == 0 and depthwise_layers(dw) == 1
     per_channel, why = t._per_channel(_ctx(plain, checked=True))
     assert per_channel is False and why.startswith("auto: per-tensor")
     # per-channel is the first fallback when the per-tensor build agrees too little
     assert t.int8_fallbacks_for(_ctx(plain, checked=True))[0] == {"tflite_per_channel": True}
     # not verified (--no-verify / fallbacks off): the standard per-channel scales
     assert t._per_channel(_ctx(plain, checked=False))[0] is True
-    # depthwise convolutions lose accuracy with one scale per tensor: always per-channel
-    per_channel, why = t._per_channel(_ctx(dw, checked=True))
-    assert per_channel is True and "depthwise" in why
-    assert t.int8_fallbacks_for(_ctx(dw, checked=True)) == [{"float_head": True}]
+    assert t._per_channel(_ctx(dw, checked=False))[0] is True
+    # depthwise convolutions: per-tensor after cross-layer equalisation, per-channel as the fallback
+    ctx = _ctx(dw, checked=True)
+    per_channel, why = t._per_channel(ctx)
+    assert per_channel is False and "equalised" in why
+    assert equalize_wanted(ctx, per_channel) and not equalize_wanted(_ctx(plain, checked=True), False)
+    assert not equalize_wanted(ctx, True)  # per-channel scales do not need it
+    assert t.int8_fallbacks_for(ctx)[0] == {"tflite_per_channel": True}
+    # without equalisation depthwise models keep per-channel scales
+    assert t._per_channel(_ctx(dw, checked=True, equalize=False))[0] is True
+    assert t.int8_fallbacks_for(_ctx(dw, checked=True, equalize=False)) == [{"float_head": True}]
     # the user's choice stands
     assert t._per_channel(_ctx(dw, checked=True, opt=False)) == (False, "set explicitly")
     assert t.int8_fallbacks_for(_ctx(plain, checked=True, opt=True)) == [{"float_head": True}]
+
+
+def test_auto_weight_scales_rule_onnx() -> None:
+    """ONNX keeps per-channel scales, except on verified depthwise models (per-tensor after equalisation)."""
+    t = ONNXTarget()
+    plain, dw = _keras(False), _keras(True)
+    assert t._per_channel(_ctx(plain, checked=True)) == (True, "auto: per-channel")
+    assert t.int8_fallbacks_for(_ctx(plain, checked=True)) == [{"float_head": True}]
+    per_channel, why = t._per_channel(_ctx(dw, checked=True))
+    assert per_channel is False and "equalised" in why
+    assert t.int8_fallbacks_for(_ctx(dw, checked=True)) == [{"onnx_per_channel": True}, {"float_head": True}]
+    assert t._per_channel(_ctx(dw, checked=False))[0] is True
+    assert t._per_channel(_ctx(dw, checked=True, equalize=False))[0] is True
+    assert t._per_channel(_ctx(dw, checked=True, opt=True)) == (True, "set explicitly")
 
 
 def _conv_scales(model_file: Path) -> list[int]:
@@ -158,3 +181,31 @@ def test_failed_selective_quantisation_is_recorded(data_dir: Path, tmp_path: Pat
     assert m["ops"]["float_ops"] == 0  # really all int8
     with pytest.raises(EdgebrainError, match="cannot be kept float"):
         convert(src, "tflite", "int8", tmp_path / "sc", keep_float="conv", **common)
+
+
+def test_strip_tensor_names_keeps_the_function_and_the_signature() -> None:
+    """Tensor names and the description go; the signature (input/output names) stays, so the
+    signature runner still works; outputs are bitwise the same; the file shrinks."""
+    from edgebrain.converters.tflite_target import strip_tensor_names
+    from edgebrain.runtime import tflite_interpreter_class
+    from edgebrain.tfenv import import_tf
+
+    tf = import_tf()
+    model = _keras(False)
+    blob = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    stripped, done = strip_tensor_names(blob)
+    assert done["bytes_saved"] == len(blob) - len(stripped) > 0
+    Interpreter, _ = tflite_interpreter_class()
+    x = np.random.default_rng(0).random((1, 32, 32, 3), dtype=np.float32)
+    outs, names = [], []
+    for b in (blob, stripped):
+        it = Interpreter(model_content=b)
+        it.allocate_tensors()
+        it.set_tensor(it.get_input_details()[0]["index"], x)
+        it.invoke()
+        outs.append(it.get_tensor(it.get_output_details()[0]["index"]))
+        names.append([t["name"] for t in it.get_tensor_details()])
+        sig = it.get_signature_runner()
+        outs.append(next(iter(sig(**{next(iter(sig.get_input_details())): x}).values())))
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+    assert any(names[0]) and not any(names[1])

@@ -60,6 +60,18 @@ def test_convert_help() -> None:
         assert flag in res.output
 
 
+def test_every_target_option_has_a_flag() -> None:
+    """A target option without a flag could only be set from Python (e.g. --strip-names, --equalize)."""
+    from edgebrain.cli.convert import command
+    from edgebrain.convert import target_options
+
+    params = {p.name for p in command.params}
+    missing = set(target_options()) - params
+    assert not missing, missing
+    res = CliRunner().invoke(cli, ["convert", "--help"])
+    assert "--keep-names" in res.output and "--no-equalize" in res.output
+
+
 def test_convert_fp32_and_skip_unsupported(tiny_model: Path, data_dir: Path, tmp_path: Path,
                                            cache_env: Path) -> None:
     out = tmp_path / "arts"
