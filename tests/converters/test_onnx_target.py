@@ -94,7 +94,7 @@ def test_float_logits_default(data_dir: Path, tmp_path: Path, cache_env: Path) -
 
     src = _tiny(tmp_path, data_dir, dense_head=True)
     common: dict[str, Any] = dict(calib_size=16, verify_n=16, min_agreement=0.01, int8_fallback_below=None,
-                                  int8_search=False)
+                                  int8_search=False, strip_names=False)  # node names identify the layers
     fl = convert(src, "onnx", "int8", tmp_path / "fl", **common)[0]
     q8 = convert(src, "onnx", "int8", tmp_path / "q8", float_logits=False, **common)[0]
     mf, m8 = load_manifest(fl.path).manifest, load_manifest(q8.path).manifest

@@ -178,6 +178,9 @@ class FlakyInt8Target(BrokenTarget):
     int8_fallbacks = [{"flaky_fix": True}]
     int8_candidates: list[dict[str, Any]] = []
 
+    def int8_fallbacks_for(self, ctx: Any) -> list[dict[str, Any]]:
+        return list(self.int8_fallbacks)  # only its own fix, not ONNX's per-channel fallback
+
     def build(self, ctx: Any, precision: str, out: Path) -> Any:
         import numpy as np
         import onnx
