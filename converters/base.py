@@ -150,6 +150,30 @@ def equalized_source(ctx: BuildContext) -> tuple[Source, dict[str, Any]]:
     return eq, block
 
 
+def weight_scales(ctx: BuildContext, option: str, per_tensor_without_depthwise: bool) -> tuple[bool, str]:
+    """(per-channel int8 weight scales?, why) from a target's ``option`` (True, False or "auto").
+
+    auto: per-tensor when the int8 build is verified with fallbacks (per-channel is then the first
+    fallback), after cross-layer equalisation on models with depthwise convolutions; a model
+    without them gets per-tensor only if ``per_tensor_without_depthwise``."""
+    opt = ctx.options.get(option, "auto")
+    if isinstance(opt, bool):
+        return opt, "set explicitly"
+    if str(opt).lower() != "auto":
+        raise ConversionError(f"{option} must be true, false or auto, got {opt!r}")
+    dw = depthwise_layers(ctx.source.model) if ctx.source.is_keras else 0
+    if not dw and not per_tensor_without_depthwise:
+        return True, "auto: per-channel"
+    if not ctx.int8_checked:
+        return True, "auto: per-channel (the int8 build is not verified with fallbacks)"
+    if dw and ctx.options.get("equalize", "auto") is False:
+        return True, f"auto: per-channel ({dw} depthwise/separable convolution layer(s), no equalisation)"
+    return False, ("auto: per-tensor ("
+                   + (f"{dw} depthwise/separable convolution layer(s), cross-layer equalised; " if dw else
+                      "no depthwise convolution; ")
+                   + "verified on the validation split, per-channel is the first fallback)")
+
+
 def equalize_wanted(ctx: BuildContext, per_channel: bool) -> bool:
     """The ``equalize`` option: auto (per-tensor weights on a model with depthwise convolutions),
     True (every int8 build of a Keras source) or False."""

@@ -29,9 +29,9 @@ from .base import (
     Built,
     ConversionError,
     Target,
-    depthwise_layers,
     equalize_wanted,
     equalized_source,
+    weight_scales,
 )
 from .registry import register
 from .source import DEFAULT_OPSET, MIN_OPSET
@@ -202,20 +202,7 @@ class ONNXTarget(Target):
     @staticmethod
     def _per_channel(ctx: BuildContext) -> tuple[bool, str]:
         """(per-channel weight scales?, why) from the onnx_per_channel option."""
-        opt = ctx.options.get("onnx_per_channel", "auto")
-        if isinstance(opt, bool):
-            return opt, "set explicitly"
-        if str(opt).lower() != "auto":
-            raise ConversionError(f"onnx_per_channel must be true, false or auto, got {opt!r}")
-        dw = depthwise_layers(ctx.source.model) if ctx.source.is_keras else 0
-        if not dw:
-            return True, "auto: per-channel"
-        if not ctx.int8_checked:
-            return True, "auto: per-channel (the int8 build is not verified with fallbacks)"
-        if ctx.options.get("equalize", "auto") is False:
-            return True, f"auto: per-channel ({dw} depthwise/separable convolution layer(s), no equalisation)"
-        return False, (f"auto: per-tensor ({dw} depthwise/separable convolution layer(s), cross-layer equalised; "
-                       "verified on the validation split, per-channel is the first fallback)")
+        return weight_scales(ctx, "onnx_per_channel", per_tensor_without_depthwise=False)
 
     def int8_fallbacks_for(self, ctx: BuildContext) -> list[dict[str, Any]]:
         if ctx.options.get("onnx_per_channel", "auto") == "auto" and not self._per_channel(ctx)[0]:
