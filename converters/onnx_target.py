@@ -191,7 +191,7 @@ class ONNXTarget(Target):
                             "per-channel, except for a model with depthwise convolutions when the int8 build "
                             "is verified on the validation split: per-tensor after cross-layer equalisation "
                             "(--equalize), with per-channel as its first fallback",
-        "equalize": "TFLite/ONNX int8: cross-layer equalisation of depthwise -> pointwise convolution pairs "
+        "equalize": "int8 (TFLite, ONNX, OpenVINO): cross-layer equalisation of depthwise -> pointwise convolution pairs "
                     "before quantising (see the tflite target)",
         "onnx_reduce_range": "7-bit weights (for x86 CPUs without VNNI, where U8S8 can saturate)",
         "float_logits": "int8 (ONNX, TFLite): keep the last classifier layer (logits, softmax) in float, so "

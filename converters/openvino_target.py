@@ -28,7 +28,15 @@ import numpy as np
 
 from edgebrain.calibration import resolve_method
 
-from .base import BuildContext, Built, ConversionError, Target
+from .base import (
+    BuildContext,
+    Built,
+    ConversionError,
+    Target,
+    equalize_wanted,
+    equalized_source,
+    weight_scales,
+)
 from .registry import register
 from .source import DEFAULT_OPSET
 
@@ -38,6 +46,39 @@ NON_COMPUTE = {"Input", "Parameter", "Output", "Result", "Const", "Constant", "R
 LAYOUT = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Concatenation", "Split"}
 BOUNDARY = {"FakeQuantize"}  # (de)quantisation at the edges of int8 regions
 QUANT_PRECISIONS = {"i8", "u8", "i4", "u4"}
+
+
+def shorten_names(model: Any) -> dict[str, Any]:
+    """Rename the nodes of an OpenVINO model to ``n0``, ``n1``, ... and drop the names of its
+    intermediate tensors, in place, before ``openvino.save_model``. Parameters and Results keep
+    their names, and so do the tensors the model reads and returns (the runner addresses them by
+    name or index), so callers see the same interface. Returns what was done; ``bytes_saved``
+    counts the UTF-8 bytes of the names dropped from the IR XML (before XML escaping)."""
+    keep: set[tuple[str, int]] = set()  # (unique node name, output index) of the outputs returned
+    for r in model.get_results():
+        src = r.input_value(0)
+        keep.add((src.get_node().get_name(), src.get_index()))
+    nodes = tensors = chars = 0
+    for i, op in enumerate(model.get_ordered_ops()):
+        kind = op.get_type_name()
+        if kind not in ("Parameter", "Result"):
+            old = op.get_friendly_name()
+            new = f"n{i}"
+            chars += len(old.encode()) - len(new)
+            op.set_friendly_name(new)
+            nodes += 1
+        for out in op.outputs():
+            t = out.get_tensor()
+            # a Result's output is the tensor it reads
+            if kind in ("Parameter", "Result") or (op.get_name(), out.get_index()) in keep:
+                continue
+            names = t.get_names()
+            if names:
+                chars += len(",".join(sorted(names)).encode())
+                t.set_names(set())
+                tensors += 1
+    return {"stripped": f"{nodes} node names shortened to n<i>, {tensors} intermediate tensor names dropped "
+                        "(inputs and outputs keep theirs)", "bytes_saved": int(chars)}
 
 
 def constant_bytes(xml: Path) -> dict[str, int]:
@@ -107,6 +148,9 @@ class OpenVINOTarget(Target):
     # conversion (which one agrees better depends on the model)
     int8_candidates = [{"nncf_fast_bias_correction": True}]
     int8_fallbacks = [{"max_drop": 0.003, "max_drop_metric": "agreement"}]
+    # accuracy control, the last resort, reverts layers of the per-channel model
+    int8_fallbacks_after_per_tensor = [{"openvino_per_channel": True},
+                                       {"max_drop": 0.003, "max_drop_metric": "agreement", "openvino_per_channel": True}]
     options = {
         "openvino_from": "onnx",
         "nncf_preset": "performance",
@@ -117,6 +161,9 @@ class OpenVINOTarget(Target):
         "nncf_fast_bias_correction": False,
         "nncf_activation_range": "minmax",
         "openvino_int8_ir": "auto",
+        "openvino_per_channel": "auto",
+        "equalize": "auto",
+        "strip_names": True,
     }
     option_help = {
         "openvino_from": "what convert_model reads: onnx (the tf2onnx export / ONNX source) or saved_model",
@@ -134,19 +181,37 @@ class OpenVINOTarget(Target):
         "openvino_int8_ir": "the IR NNCF quantises: fp16 (weights compressed to FP16 first, as openvino's "
                             "converter saves them; the biases stay FP16 in the int8 IR) or fp32; auto: fp16 "
                             "unless layers stay float (accuracy control, float head, float scopes), then fp32",
+        "openvino_per_channel": "int8 weight scales: per-channel (True), per-tensor (False), or auto (default): "
+                                "per-channel, except for a model with depthwise convolutions when the int8 "
+                                "build is verified on the validation split: per-tensor after cross-layer "
+                                "equalisation (--equalize), with per-channel as its first fallback",
+        "equalize": "int8: cross-layer equalisation of depthwise -> pointwise convolution pairs before "
+                    "quantising (see the tflite target)",
+        "strip_names": "drop the names of intermediate nodes and tensors from the model file (see the tflite "
+                       "target); OpenVINO: nodes are renamed n<i>, the inputs and outputs keep their names",
     }
 
     # ------------------------------------------------------------------ IR
+
+    @staticmethod
+    def _per_channel(ctx: BuildContext) -> tuple[bool, str]:
+        """(per-channel weight scales?, why) from the openvino_per_channel option."""
+        return weight_scales(ctx, "openvino_per_channel", per_tensor_without_depthwise=False)
+
+    def int8_fallbacks_for(self, ctx: BuildContext) -> list[dict[str, Any]]:
+        if ctx.options.get("openvino_per_channel", "auto") == "auto" and not self._per_channel(ctx)[0]:
+            return [dict(f) for f in self.int8_fallbacks_after_per_tensor]
+        return list(self.int8_fallbacks)
 
     def int8_candidates_for(self, ctx: BuildContext) -> list[dict[str, Any]]:
         # accuracy control already searches (layer by layer, on the validation split) and is the
         # slow step: it is not run twice
         return [] if ctx.options.get("max_drop") is not None else list(self.int8_candidates)
 
-    def _ov_model(self, ctx: BuildContext) -> Any:
+    def _ov_model(self, ctx: BuildContext, src: Any = None) -> Any:
         import openvino as ov
 
-        src = ctx.source
+        src = src or ctx.source
         how = str(ctx.options.get("openvino_from", "onnx")).lower()
         try:
             if how == "onnx" or not src.is_keras:
@@ -179,7 +244,10 @@ class OpenVINOTarget(Target):
     def build(self, ctx: BuildContext, precision: str, out: Path) -> Built:
         import openvino as ov
 
-        model = self._ov_model(ctx)
+        src, equalization = ctx.source, None
+        if precision == "int8" and equalize_wanted(ctx, self._per_channel(ctx)[0]):
+            src, equalization = equalized_source(ctx)
+        model = self._ov_model(ctx, src)
         xml = out / MODEL_FILE
         warnings: list[str] = []
         quant: dict[str, Any] | None = None
@@ -203,9 +271,12 @@ class OpenVINOTarget(Target):
             model = self._int8_base(ctx, model, ir)
             model, quant, calib_block, warn = self._int8(ctx, model)
             quant.update({"ir": ir, "ir_reason": why})
+            if equalization is not None:
+                quant["equalization"] = equalization
             warnings += warn
         else:  # pragma: no cover - guarded by unsupported()
             raise ConversionError(f"openvino: unsupported precision {precision}")
+        names = shorten_names(model) if ctx.options.get("strip_names", True) else None
         ov.save_model(model, str(xml), compress_to_fp16=compress)
         if precision == "int8" and quant is not None:  # measured in the saved IR, not assumed
             cb = constant_bytes(xml)
@@ -215,7 +286,7 @@ class OpenVINOTarget(Target):
         if precision == "int8" and ops["float_ops"]:
             warnings.append(f"{ops['float_ops']} op(s) run in float: {', '.join(ops['float_op_types'])}")
         return Built(model_file=MODEL_FILE, quantization=quant, calibration=calib_block, ops=ops,
-                     runtime_options=runtime, warnings=warnings, files=[MODEL_FILE, WEIGHTS_FILE])
+                     runtime_options=runtime, warnings=warnings, files=[MODEL_FILE, WEIGHTS_FILE], names=names)
 
     @staticmethod
     def _int8_ir(ctx: BuildContext) -> tuple[str, str]:
@@ -256,7 +327,10 @@ class OpenVINOTarget(Target):
         import logging
 
         import nncf
-        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+        from nncf.quantization.advanced_parameters import (
+            AdvancedQuantizationParameters,
+            QuantizationParameters,
+        )
         from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
         nncf.set_log_level(logging.ERROR)
@@ -275,7 +349,10 @@ class OpenVINOTarget(Target):
         ranges = {"minmax": RangeEstimatorParametersSet.MINMAX, "mean_minmax": RangeEstimatorParametersSet.MEAN_MINMAX}
         if act_range not in ranges:
             raise ConversionError(f"--nncf-activation-range must be minmax or mean_minmax, got {act_range!r}")
+        per_channel, scales_why = self._per_channel(ctx)
         advanced = AdvancedQuantizationParameters(activations_range_estimator_params=ranges[act_range])
+        if not per_channel:  # NNCF's default for weights is per-channel
+            advanced.weights_quantization_params = QuantizationParameters(per_channel=False)
         float_head = bool(o.get("float_head", False))
         ignored = None
         if float_head or ctx.float_scopes:
@@ -288,7 +365,8 @@ class OpenVINOTarget(Target):
                                  "subset_size": len(cs), "fast_bias_correction": fbc, "activation_range": act_range,
                                  "float_head": float_head,
                                  "float_stages": list(ctx.float_stages), "float_scopes": list(ctx.float_scopes),
-                                 "weights": "int8 per-channel (symmetric)",
+                                 "weights": f"int8 {'per-channel' if per_channel else 'per-tensor'} (symmetric)",
+                                 "per_channel": per_channel, "weight_scales": scales_why,
                                  "activations": "8-bit per-tensor, " + (
                                      "symmetric (unsigned where the input is non-negative)"
                                      if preset_name == "performance" else "asymmetric")}

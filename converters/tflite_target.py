@@ -115,11 +115,11 @@ class TFLiteTarget(Target):
                               "with per-channel as its first fallback; per-channel when not verified",
         "float_head": "int8: keep the classifier head (fully-connected layers and softmax) in float; the "
                       "convolutions stay int8 (all targets)",
-        "equalize": "TFLite/ONNX int8: cross-layer equalisation of depthwise -> pointwise convolution pairs "
+        "equalize": "int8 (TFLite, ONNX, OpenVINO): cross-layer equalisation of depthwise -> pointwise convolution pairs "
                     "before quantising (an exact rescaling of the float weights that suits one scale per "
                     "tensor): auto (default: with per-tensor weight scales on models with depthwise "
                     "convolutions), true (always), false (never)",
-        "strip_names": "TFLite/ONNX: drop the debugging names of intermediate tensors and nodes from the model "
+        "strip_names": "drop the debugging names of intermediate tensors and nodes from the model "
                        "file, every precision (default on): TFLite tensor names, as TensorFlow's strip_strings "
                        "does but keeping the signature; ONNX names shortened to t0, t1, ... (inputs and outputs "
                        "keep theirs). Tens of kB, a few % of a small model's int8 file",

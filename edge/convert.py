@@ -323,8 +323,10 @@ def _int8_choose(j: _Job, ctx: BuildContext, built: Any, build: Path, work: Path
        ranks the settings that tie there.
     2. Fallback: when the best build so far agrees on fewer than ``below`` of the images, build
        the target's ``int8_fallbacks`` in order, on top of the settings chosen in 1, until one
-       reaches ``below``; a fallback is kept only if it agrees on more images (it costs size or
-       speed, so a lower KL alone does not justify it).
+       reaches ``below``; a fallback is kept only if it agrees on more images *and* its mean KL
+       divergence from the source is not higher (it costs size or speed, so a lower KL alone does
+       not justify it; and on a few hundred images one or two more agreeing images are within
+       the noise when the whole probability vectors moved further from the source's).
 
     Settings the user chose explicitly are never overridden. Attempts and choices are recorded in
     ``quantization.selection`` and ``quantization.fallback``. Returns the chosen build, its folder
@@ -341,6 +343,9 @@ def _int8_choose(j: _Job, ctx: BuildContext, built: Any, build: Path, work: Path
 
     def agree(v: dict[str, Any]) -> float:
         return float(v.get("top1_agreement", 0.0))
+
+    def kl(v: dict[str, Any]) -> float:
+        return float(v.get("mean_kl", float("inf")))
 
     try:
         v0, _ = _verify(_draft(build, built, j.target, j.precision, src), j.target, vs, 0.0, threads)
@@ -373,8 +378,17 @@ def _int8_choose(j: _Job, ctx: BuildContext, built: Any, build: Path, work: Path
             log[-1]["not_kept"] = "no int8 op left"
             shutil.rmtree(b2, ignore_errors=True)
             return
-        # a fallback costs size or speed: it is kept only for more top-1 agreement, not a lower KL
-        better = agree(v2) > agree(best[0]) if fallback else key(v2) > key(best[0])
+        # a fallback costs size or speed: it is kept only for more top-1 agreement, not a lower KL;
+        # and not when it moved the probabilities further from the source's (higher mean KL): a
+        # difference of an image or two is noise then
+        if fallback:
+            better = agree(v2) > agree(best[0]) and kl(v2) <= kl(best[0])
+            if agree(v2) > agree(best[0]) and not better:
+                log[-1]["not_kept"] = (f"agrees on more images but its mean KL divergence from the source is higher "
+                                       f"({kl(v2):.3g} > {kl(best[0]):.3g}): within the noise of "
+                                       f"{len(vs.x)} images")
+        else:
+            better = key(v2) > key(best[0])
         if better:
             if best[2] != build:
                 shutil.rmtree(best[2], ignore_errors=True)

@@ -99,7 +99,7 @@ def _command_line() -> str | None:
                    "equalisation for models with depthwise convolutions, per-channel as its fallback; "
                    "per-channel when not verified).")
 @click.option("--equalize/--no-equalize", "equalize", default=None,
-              help="TFLite/ONNX int8: cross-layer equalisation of depthwise -> pointwise convolution pairs "
+              help="int8 (TFLite, ONNX, OpenVINO): cross-layer equalisation of depthwise -> pointwise convolution pairs "
                    "(an exact rescaling of the float weights that suits one scale per tensor). Default: "
                    "with per-tensor weight scales on models with depthwise convolutions.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (>= 13, default 17).")
@@ -124,6 +124,10 @@ def _command_line() -> str | None:
 @click.option("--max-drop-metric", type=click.Choice(["accuracy", "agreement"]), default=None,
               help="What --max-drop bounds: top-1 accuracy on the validation labels (default) or top-1 "
                    "agreement with the float model.")
+@click.option("--openvino-per-channel/--openvino-per-tensor", default=None,
+              help="OpenVINO int8 weight scales (default auto: per-channel; per-tensor after cross-layer "
+                   "equalisation for models with depthwise convolutions when verified, per-channel as its "
+                   "fallback).")
 @click.option("--openvino-fp16-compute", type=click.Choice(["f32", "f16"]), default=None,
               help="Compute precision of OpenVINO fp16 (compressed-weight) IR (default f32).")
 @click.option("--float-head", is_flag=True, default=None,
@@ -143,9 +147,9 @@ def _command_line() -> str | None:
                    "same int8 kernels); fp32: f32 biases. Default: fp16, but fp32 when layers stay float "
                    "(--max-drop, --float-head, float scopes), so they keep f32 weights.")
 @click.option("--strip-names/--keep-names", "strip_names", default=None,
-              help="TFLite/ONNX: drop the names of intermediate tensors and nodes from the model file "
-                   "(default; every precision; inputs, outputs and TFLite signatures keep theirs) or keep "
-                   "them for debugging.")
+              help="Drop the names of intermediate tensors and nodes from the model file (default; every "
+                   "target and precision; inputs, outputs and TFLite signatures keep theirs) or keep them "
+                   "for debugging.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def command(model: Path, targets: str, precisions: str, out: Path, as_json: bool, **kw: Any) -> None:
     """Convert MODEL (a model folder or .keras/.h5/SavedModel from `edgebrain train`, a Keras 3

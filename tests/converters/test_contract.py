@@ -106,12 +106,12 @@ def test_target_contract(converted: dict[str, Any], probe: dict[str, Any], train
             assert m["quantization"]["float_logits"] is True
             assert m["quantization"]["scheme"].startswith("full integer except the last classifier layer")
             assert sorted(m["ops"]["float_op_types"]) == ["FULLY_CONNECTED", "SOFTMAX"]
-        if target in ("tflite", "onnx"):
+        if target in ("tflite", "onnx", "openvino"):
             # resnet50-lite has depthwise convolutions: per-tensor weight scales after cross-layer
             # equalisation of its 16 depthwise -> pointwise pairs, or per-channel as a recorded fallback
             q = m["quantization"]
             if "per_channel=True" in q.get("fallback", {}).get("chosen", ""):
-                assert q["per_channel"] is True if target == "onnx" else "per-channel" in q["weights"]
+                assert q["per_channel"] is True if target != "tflite" else "per-channel" in q["weights"]
                 assert "equalization" not in q
             else:
                 assert q["weight_scales"].startswith("auto: per-tensor (16 depthwise") and "equalised" in q["weight_scales"]
@@ -123,11 +123,8 @@ def test_target_contract(converted: dict[str, Any], probe: dict[str, Any], train
             assert (q["activation_range"], q["fast_bias_correction"]) == ("minmax", False)
             assert (q["ir"], q["unquantised_constants"]) == ("fp16", "f16")
         assert m["size"]["size_bytes"] < converted["artifacts"][(target, "fp32")].manifest["size"]["size_bytes"]
-    # debugging names are stripped from TFLite and ONNX model files by default (the file says so)
-    if target in ("tflite", "onnx"):
-        assert m["names"]["bytes_saved"] > 0 and m["names"]["stripped"]
-    else:
-        assert m["names"] is None
+    # debugging names are stripped from every target's model file by default (the file says so)
+    assert m["names"]["bytes_saved"] > 0 and m["names"]["stripped"]
     if target == "openvino":
         assert m["runtime_options"]["inference_precision"] == {"bf16": "bf16"}.get(precision, "f32")
 

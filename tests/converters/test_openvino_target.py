@@ -4,9 +4,45 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from edgebrain.converters.openvino_target import constant_bytes
+from edgebrain.converters.openvino_target import constant_bytes, shorten_names
+
+
+def _ov_model() -> object:
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    rng = np.random.default_rng(0)
+    p = ops.parameter([1, 3, 8, 8], np.float32, name="image")
+    w = ops.constant(rng.normal(size=(4, 3, 3, 3)).astype(np.float32))
+    c = ops.convolution(p, w, [1, 1], [1, 1], [1, 1], [1, 1], name="model/block1_conv1/Conv2D")
+    c.output(0).get_tensor().set_names({"model/block1_conv1/Conv2D:0"})
+    r = ops.relu(c, name="model/block1_act/Relu")
+    r.output(0).get_tensor().set_names({"model/block1_act/Relu:0"})
+    g = ops.reduce_mean(r, ops.constant(np.array([2, 3], np.int64)), False, name="model/gap/Mean")
+    g.output(0).get_tensor().set_names({"probs"})
+    return ov.Model([g], [p], "m")
+
+
+def test_shorten_names_keeps_the_interface_and_the_outputs(tmp_path: Path) -> None:
+    import openvino as ov
+
+    x = np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    ov.save_model(_ov_model(), str(tmp_path / "named.xml"))
+    m = _ov_model()
+    rep = shorten_names(m)
+    ov.save_model(m, str(tmp_path / "short.xml"))
+    named, short = (tmp_path / "named.xml").read_text(), (tmp_path / "short.xml").read_text()
+    assert "block1" not in short and "block1_conv1/Conv2D" in named
+    assert rep["bytes_saved"] > 0 and len(named) - len(short) >= rep["bytes_saved"] - 16
+    core = ov.Core()
+    back = core.read_model(str(tmp_path / "short.xml"))
+    assert back.inputs[0].get_names() == {"image"} and back.outputs[0].get_names() == {"probs"}
+    a = core.compile_model(str(tmp_path / "named.xml"), "CPU")(x)[0]
+    b = core.compile_model(back, "CPU")(x)[0]
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import pytest
 from edgebrain.artifact import load_manifest
 from edgebrain.converters.base import BuildContext, depthwise_layers, equalize_wanted
 from edgebrain.converters.onnx_target import ONNXTarget
+from edgebrain.converters.openvino_target import OpenVINOTarget
 from edgebrain.converters.tflite_target import TFLiteTarget
 
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
@@ -35,7 +36,8 @@ def _keras(depthwise_nested: bool) -> Any:
 def _ctx(model: Any, checked: bool, opt: Any = "auto", equalize: Any = "auto") -> BuildContext:
     src = SimpleNamespace(model=model, is_keras=True)
     return BuildContext(source=src, workdir=Path("."),  # type: ignore[arg-type]
-                        options={"tflite_per_channel": opt, "onnx_per_channel": opt, "equalize": equalize},
+                        options={"tflite_per_channel": opt, "onnx_per_channel": opt, "openvino_per_channel": opt,
+                                 "equalize": equalize},
                         int8_checked=checked)
 
 
@@ -77,6 +79,25 @@ def test_auto_weight_scales_rule_onnx() -> None:
     assert t._per_channel(_ctx(dw, checked=False))[0] is True
     assert t._per_channel(_ctx(dw, checked=True, equalize=False))[0] is True
     assert t._per_channel(_ctx(dw, checked=True, opt=True)) == (True, "set explicitly")
+
+
+def test_auto_weight_scales_rule_openvino() -> None:
+    """OpenVINO (NNCF) keeps per-channel scales, except on verified depthwise models: per-tensor after
+    equalisation, then per-channel, then accuracy control on the per-channel model."""
+    t = OpenVINOTarget()
+    plain, dw = _keras(False), _keras(True)
+    assert t._per_channel(_ctx(plain, checked=True)) == (True, "auto: per-channel")
+    assert t.int8_fallbacks_for(_ctx(plain, checked=True)) == t.int8_fallbacks
+    ctx = _ctx(dw, checked=True)
+    per_channel, why = t._per_channel(ctx)
+    assert per_channel is False and "equalised" in why and equalize_wanted(ctx, per_channel)
+    fbs = t.int8_fallbacks_for(ctx)
+    assert fbs[0] == {"openvino_per_channel": True}
+    assert fbs[1]["max_drop"] and fbs[1]["openvino_per_channel"] is True
+    assert t._per_channel(_ctx(dw, checked=False))[0] is True
+    assert t._per_channel(_ctx(dw, checked=True, equalize=False))[0] is True
+    assert t._per_channel(_ctx(dw, checked=True, opt=False)) == (False, "set explicitly")
+    assert t.int8_fallbacks_for(_ctx(dw, checked=True, opt=False)) == t.int8_fallbacks
 
 
 def _conv_scales(model_file: Path) -> list[int]:
