@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     from edgebrain.train import predict_probs
 
     model_dir = Path(args.model)
+    if model_dir.is_file():  # a model file inside its folder (the model card sits beside it)
+        model_dir = model_dir.parent
     card = ModelCard.find(model_dir)
     assert card is not None, f"{model_dir}: no model card"
     spec = card.preprocess

@@ -166,6 +166,11 @@ def weight_scales(ctx: BuildContext, option: str, per_tensor_without_depthwise: 
         return True, "auto: per-channel"
     if not ctx.int8_checked:
         return True, "auto: per-channel (the int8 build is not verified with fallbacks)"
+    clusters = getattr(ctx.source, "notes", {}).get("weight_clusters")
+    if dw and clusters:
+        return True, (f"auto: per-channel ({dw} depthwise/separable convolution layer(s), weights clustered to "
+                      f"{clusters} values per layer: equalisation would rescale each channel's copy of those "
+                      "values differently and the int8 file would compress worse)")
     if dw and ctx.options.get("equalize", "auto") is False:
         return True, f"auto: per-channel ({dw} depthwise/separable convolution layer(s), no equalisation)"
     return False, ("auto: per-tensor ("

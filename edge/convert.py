@@ -1241,4 +1241,6 @@ def _prune(src: Source, dd: _Data, out: Path, *, prune: float, epochs: int, stru
         rep["fine_tuning"]["per_class_subset"] = per_class
     new = _save_pruned(pruned, src, out / _pruned_name(prune, structured, clusters, channel_tag), rep, "pruning",
                        command)
+    if clusters:  # the int8 weight-scale rule reads it (converters/base.py weight_scales)
+        new.notes["weight_clusters"] = int(clusters)
     return new, rep

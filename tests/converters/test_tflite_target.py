@@ -62,6 +62,12 @@ def test_auto_weight_scales_rule() -> None:
     # without equalisation depthwise models keep per-channel scales
     assert t._per_channel(_ctx(dw, checked=True, equalize=False))[0] is True
     assert t.int8_fallbacks_for(_ctx(dw, checked=True, equalize=False)) == [{"float_head": True}]
+    # weights clustered by --prune-cluster: equalisation would spread each layer's shared values
+    clustered = _ctx(dw, checked=True)
+    clustered.source.notes = {"weight_clusters": 16}
+    per_channel, why = t._per_channel(clustered)
+    assert per_channel is True and "clustered to 16 values" in why
+    assert not equalize_wanted(clustered, per_channel)
     # the user's choice stands
     assert t._per_channel(_ctx(dw, checked=True, opt=False)) == (False, "set explicitly")
     assert t.int8_fallbacks_for(_ctx(plain, checked=True, opt=True)) == [{"float_head": True}]
