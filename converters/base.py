@@ -93,6 +93,12 @@ class Target(ABC):
     # than --int8-fallback-below of the validation images (a key "calib_method" sets the calibration
     # method; other keys are target options). The user's explicit settings are never overridden.
     int8_fallbacks: ClassVar[list[dict[str, Any]]] = []
+    # int8 weight scales: the target's per-channel option (True / False / "auto", see weight_scales),
+    # whether auto may choose per-tensor for a model without depthwise convolutions, and the
+    # fallbacks used instead of int8_fallbacks when auto chose per-tensor (per-channel first)
+    weight_scale_option: ClassVar[str | None] = None
+    per_tensor_without_depthwise: ClassVar[bool] = False
+    int8_fallbacks_after_per_tensor: ClassVar[list[dict[str, Any]]] = []
     # int8 settings compared with the default on the validation split by every conversion (the
     # calibration methods the backend offers besides its default); the best is kept
     int8_candidates: ClassVar[list[dict[str, Any]]] = []
@@ -115,8 +121,17 @@ class Target(ABC):
     def build(self, ctx: BuildContext, precision: str, out: Path) -> Built:
         """Write the artifact's model file(s) for ``precision`` into ``out``."""
 
+    def _per_channel(self, ctx: BuildContext) -> tuple[bool, str]:
+        """(per-channel int8 weight scales?, why) from the target's ``weight_scale_option``."""
+        if self.weight_scale_option is None:
+            return True, "per-channel"
+        return weight_scales(ctx, self.weight_scale_option, self.per_tensor_without_depthwise)
+
     def int8_fallbacks_for(self, ctx: BuildContext) -> list[dict[str, Any]]:
         """The int8 fallbacks that can differ from the default build for this source."""
+        opt = self.weight_scale_option
+        if opt and ctx.options.get(opt, "auto") == "auto" and not self._per_channel(ctx)[0]:
+            return [dict(f) for f in self.int8_fallbacks_after_per_tensor]
         return list(self.int8_fallbacks)
 
     def int8_candidates_for(self, ctx: BuildContext) -> list[dict[str, Any]]:

@@ -31,7 +31,6 @@ from .base import (
     Target,
     equalize_wanted,
     equalized_source,
-    weight_scales,
 )
 from .registry import register
 from .source import DEFAULT_OPSET, MIN_OPSET
@@ -171,6 +170,8 @@ class ONNXTarget(Target):
     # percentile ranges are compared with min/max on the validation split by every conversion
     int8_candidates = [{"calib_method": "percentile"}]
     int8_fallbacks = [{"float_head": True}]
+    weight_scale_option = "onnx_per_channel"
+    int8_fallbacks_after_per_tensor = [{"onnx_per_channel": True}, {"float_head": True}]
     options = {
         "opset": DEFAULT_OPSET,
         "onnx_format": "qoperator",
@@ -198,16 +199,6 @@ class ONNXTarget(Target):
                         "close class scores are not rounded onto one 8-bit step (default on; costs classes x "
                         "features x 3 bytes)",
     }
-
-    @staticmethod
-    def _per_channel(ctx: BuildContext) -> tuple[bool, str]:
-        """(per-channel weight scales?, why) from the onnx_per_channel option."""
-        return weight_scales(ctx, "onnx_per_channel", per_tensor_without_depthwise=False)
-
-    def int8_fallbacks_for(self, ctx: BuildContext) -> list[dict[str, Any]]:
-        if ctx.options.get("onnx_per_channel", "auto") == "auto" and not self._per_channel(ctx)[0]:
-            return [{"onnx_per_channel": True}, *self.int8_fallbacks]
-        return list(self.int8_fallbacks)
 
     def build(self, ctx: BuildContext, precision: str, out: Path) -> Built:
         src = ctx.source

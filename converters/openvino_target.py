@@ -35,7 +35,6 @@ from .base import (
     Target,
     equalize_wanted,
     equalized_source,
-    weight_scales,
 )
 from .registry import register
 from .source import DEFAULT_OPSET
@@ -148,6 +147,7 @@ class OpenVINOTarget(Target):
     # conversion (which one agrees better depends on the model)
     int8_candidates = [{"nncf_fast_bias_correction": True}]
     int8_fallbacks = [{"max_drop": 0.003, "max_drop_metric": "agreement"}]
+    weight_scale_option = "openvino_per_channel"
     # accuracy control, the last resort, reverts layers of the per-channel model
     int8_fallbacks_after_per_tensor = [{"openvino_per_channel": True},
                                        {"max_drop": 0.003, "max_drop_metric": "agreement", "openvino_per_channel": True}]
@@ -192,16 +192,6 @@ class OpenVINOTarget(Target):
     }
 
     # ------------------------------------------------------------------ IR
-
-    @staticmethod
-    def _per_channel(ctx: BuildContext) -> tuple[bool, str]:
-        """(per-channel weight scales?, why) from the openvino_per_channel option."""
-        return weight_scales(ctx, "openvino_per_channel", per_tensor_without_depthwise=False)
-
-    def int8_fallbacks_for(self, ctx: BuildContext) -> list[dict[str, Any]]:
-        if ctx.options.get("openvino_per_channel", "auto") == "auto" and not self._per_channel(ctx)[0]:
-            return [dict(f) for f in self.int8_fallbacks_after_per_tensor]
-        return list(self.int8_fallbacks)
 
     def int8_candidates_for(self, ctx: BuildContext) -> list[dict[str, Any]]:
         # accuracy control already searches (layer by layer, on the validation split) and is the

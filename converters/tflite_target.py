@@ -19,7 +19,6 @@ from .base import (
     Target,
     equalize_wanted,
     equalized_source,
-    weight_scales,
 )
 from .registry import register
 
@@ -100,7 +99,10 @@ class TFLiteTarget(Target):
     precisions = ("fp32", "fp16", "dynamic", "int8", "int16x8")
     source_formats = ("tf-keras", "keras3")
     not_supported = {"bf16": "TFLite has no bf16 model type"}
-    int8_fallbacks = [{"tflite_per_channel": True}, {"tflite_per_channel": True, "float_head": True}]
+    int8_fallbacks = [{"float_head": True}]  # already per-channel (or set by the user)
+    weight_scale_option = "tflite_per_channel"
+    per_tensor_without_depthwise = True
+    int8_fallbacks_after_per_tensor = [{"tflite_per_channel": True}, {"tflite_per_channel": True, "float_head": True}]
     options = {"tflite_io": "float", "tflite_float_fallback": True, "tflite_per_channel": "auto", "float_head": False,
                "float_logits": True, "equalize": "auto", "strip_names": True}
     option_help = {
@@ -130,16 +132,8 @@ class TFLiteTarget(Target):
             return "an ONNX source converts to the onnx and openvino targets only (no ONNX -> TFLite path)"
         return super().unsupported(precision, source_format)
 
-    @staticmethod
-    def _per_channel(ctx: BuildContext) -> tuple[bool, str]:
-        """(per-channel weight scales?, why) from the tflite_per_channel option."""
-        return weight_scales(ctx, "tflite_per_channel", per_tensor_without_depthwise=True)
-
     def int8_fallbacks_for(self, ctx: BuildContext) -> list[dict[str, Any]]:
-        if ctx.options.get("tflite_per_channel", "auto") == "auto" and not self._per_channel(ctx)[0]:
-            fallbacks = list(self.int8_fallbacks)
-        else:
-            fallbacks = [{"float_head": True}]  # already per-channel (or set by the user)
+        fallbacks = super().int8_fallbacks_for(ctx)
         if str(ctx.options.get("tflite_io", "float")).lower() == "int8":  # a float head needs float I/O
             fallbacks = [f for f in fallbacks if not f.get("float_head")]
         return fallbacks
