@@ -10,7 +10,7 @@ DEMO ?= artifacts/demo
 export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: help venv demo test lint bench models clean check-data
+.PHONY: help venv demo test test-zoo fuzz lint bench models clean check-data
 
 help:
 	@echo "make demo    - train -> convert -> bench -> gate on the real data (creates $(VENV))"
@@ -66,3 +66,10 @@ bench: venv check-data
 
 clean:
 	rm -rf artifacts .pytest_cache .ruff_cache
+
+# ---------------------------------------------------------------- more test lanes
+test-zoo: venv check-data
+	EDGEBRAIN_DATA="$(DATA)" $(VENV)/bin/pytest -q -ra -m zoo tests
+
+fuzz: venv
+	EDGEBRAIN_FUZZ=long EDGEBRAIN_DATA="$(DATA)" $(VENV)/bin/pytest -q -ra -m fuzz tests
