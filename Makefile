@@ -22,7 +22,9 @@ help:
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e ".[full,dev]"
+	@# setuptools' generic "editable installation" notice is dropped; every other line is shown
+	$(VENV)/bin/pip install -q -e ".[full,dev]" 2>&1 \
+	  | sed -e '/BuildBackendWarning: Editable installation/,/with strategy, WheelFile/d'; test $${PIPESTATUS[0]} -eq 0
 	touch $@
 
 venv: $(VENV)/.installed
