@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 NOISE = [
     "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
     "I0000 00:00:1796526752.039490    3535 cudart_stub.cc:31] Could not find cuda drivers on your machine, "
@@ -28,6 +30,7 @@ def test_native_noise_is_dropped_and_other_lines_kept() -> None:
     assert r.stderr.splitlines() == KEEP
 
 
+@pytest.mark.slow
 def test_real_tensorflow_import_is_quiet() -> None:
     r = _run("from edgebrain.tfenv import quiet_native_logs, import_tf; quiet_native_logs(); "
              "tf = import_tf(); tf.constant(1.0).numpy(); print('ok')")
