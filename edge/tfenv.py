@@ -42,8 +42,14 @@ NATIVE_NOISE = re.compile(
     r"|[IWE]\d{4} [\d:.]+\s+\d+ (port\.cc|cudart_stub\.cc|cuda_platform\.cc|cuda_executor\.cc|cuda_dnn\.cc"
     r"|cuda_fft\.cc|cuda_blas\.cc|node_def_util\.cc|cpu_feature_guard\.cc|gpu_device\.cc):\d+\].*"
     r"|To enable the following instructions: .* in other operations, rebuild TensorFlow.*"
-    r"|This TensorFlow binary is optimized to use available CPU instructions.*)$"
+    r"|This TensorFlow binary is optimized to use available CPU instructions.*"
+    r"|fully_quantize: \d+, inference_type: \d+, input_inference_type: \w+, output_inference_type: \w+"
+    r"|INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.)$"
 )
+# Python warnings TensorFlow raises about its own internals (its converter calibrates with the
+# deprecated tf.lite.Interpreter; edgebrain runs artifacts with ai-edge-litert).
+LIBRARY_NOISE = [r"(?s)\s*Warning: tf\.lite\.Interpreter is deprecated",
+                 r"Statistics for quantized inputs were expected, but not specified"]
 _quiet: dict[str, Any] = {}
 
 
@@ -53,6 +59,10 @@ def quiet_native_logs() -> None:
     last line is flushed. ``EDGEBRAIN_NATIVE_LOGS=1`` keeps everything."""
     if _quiet or os.environ.get("EDGEBRAIN_NATIVE_LOGS") == "1":
         return
+    import warnings
+
+    for pattern in LIBRARY_NOISE:
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
     try:
         saved = os.dup(2)
         r, w = os.pipe()

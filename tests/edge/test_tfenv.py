@@ -13,6 +13,8 @@ NOISE = [
     "GPU will not be used.",
     "E0000 00:00:1796526765.638649    3535 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error",
     "I0000 00:00:1796526752.039116    3535 port.cc:153] oneDNN custom operations are on.",
+    "fully_quantize: 0, inference_type: 6, input_inference_type: FLOAT32, output_inference_type: FLOAT32",
+    "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
 ]
 KEEP = ["E0000 00:00:1796526765.638649    3535 some_kernel.cc:52] a real error", "Traceback: keep me"]
 
@@ -42,3 +44,11 @@ def test_everything_is_kept_when_asked() -> None:
     code = ("import os; os.environ['EDGEBRAIN_NATIVE_LOGS'] = '1'; from edgebrain.tfenv import quiet_native_logs; "
             f"quiet_native_logs(); os.write(2, {(NOISE[0] + chr(10)).encode()!r})")
     assert _run(code).stderr.splitlines() == [NOISE[0]]
+
+
+def test_tensorflow_warnings_about_its_own_internals_are_dropped() -> None:
+    code = ("import warnings; from edgebrain.tfenv import quiet_native_logs; quiet_native_logs(); "
+            "warnings.warn('    Warning: tf.lite.Interpreter is deprecated and is scheduled', UserWarning); "
+            "warnings.warn('a warning of our own', UserWarning)")
+    err = _run(code).stderr
+    assert "tf.lite.Interpreter" not in err and "a warning of our own" in err
