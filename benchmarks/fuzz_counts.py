@@ -63,9 +63,12 @@ def parse(text: str) -> dict[str, dict[str, object]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", choices=["long", "short"], default="long")
+    ap.add_argument("--examples", type=int, default=None, help="Inputs per test (EDGEBRAIN_FUZZ_EXAMPLES).")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fuzz.md")
     a = ap.parse_args()
     env = dict(os.environ, EDGEBRAIN_FUZZ=a.budget if a.budget == "long" else "")
+    if a.examples:
+        env["EDGEBRAIN_FUZZ_EXAMPLES"] = str(a.examples)
     env.setdefault("EDGEBRAIN_DATA", str(ROOT.parent / "shared" / "data" / "brain-tumor-mri-224"))
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "fuzz", "tests/edge/test_fuzz.py", "-p", "no:warnings",
            "--hypothesis-show-statistics", "-p", "no:cacheprovider"]
@@ -80,9 +83,10 @@ def main() -> int:
     lines = [
         "# Fuzzing the loaders: inputs tried and failures found",
         "",
-        f"`EDGEBRAIN_FUZZ={a.budget} {' '.join(['python', *cmd[1:]])}` "
-        f"(via `python benchmarks/fuzz_counts.py --budget {a.budget}`; `make fuzz` runs the same tests with the "
-        "long budget, `make test` with the short one).",
+        f"`EDGEBRAIN_FUZZ={a.budget}{f' EDGEBRAIN_FUZZ_EXAMPLES={a.examples}' if a.examples else ''} "
+        f"{' '.join(['python', *cmd[1:]])}` (via `python benchmarks/fuzz_counts.py --budget {a.budget}"
+        f"{f' --examples {a.examples}' if a.examples else ''}`; `make fuzz` runs the same tests with the long "
+        "budget, `make test` with the short one).",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; load average "
         f"{load0[0]:.1f} at the start (shared machine). Wall time {wall:.0f} s. pytest: `{tail}`.",

@@ -6,7 +6,7 @@ The property everywhere: no traceback. A loader either returns a well-formed val
 project's error naming the file; the gate always returns a verdict (exit 0, 1 or 2) with reasons.
 
 Budget: short by default (``make test``); ``EDGEBRAIN_FUZZ=long`` (``make fuzz``) runs thousands
-of inputs per test. ``benchmarks/fuzz_counts.py`` reports the counts (BENCHMARKS.md)."""
+of inputs per test; ``EDGEBRAIN_FUZZ_EXAMPLES=N`` sets N per test. ``benchmarks/fuzz_counts.py`` reports the counts (BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -35,10 +35,12 @@ from edgebrain.preprocess import PreprocessSpec
 pytestmark = pytest.mark.fuzz
 
 LONG = os.environ.get("EDGEBRAIN_FUZZ", "").lower() == "long"
+EXAMPLES = os.environ.get("EDGEBRAIN_FUZZ_EXAMPLES")  # overrides both budgets (a quicker long run)
 
 
 def budget(short: int, long: int) -> Any:
-    return settings(max_examples=long if LONG else short, deadline=None, database=None, derandomize=not LONG,
+    n = int(EXAMPLES) if EXAMPLES else long if LONG else short
+    return settings(max_examples=n, deadline=None, database=None, derandomize=not LONG,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.filter_too_much])
 
