@@ -103,7 +103,8 @@ def main() -> int:
                      f"{'; '.join(s['events']) or '-'} | {float(s['seconds']):.0f} |")  # type: ignore[arg-type]
     lines += ["", f"**{total} generated inputs, {failing} failing** (a failing input is a traceback or a "
               "wrong result; the property is: a decoded value or the project's error naming the file; the gate "
-              "always returns exit 0/1/2 with its reasons). \"invalid\" counts generated DICOM headers that "
+              "always returns exit 0/1/2 with its reasons; hypothesis counts every failing variant it tries "
+              "while shrinking one failure, so one bug shows as many failing cases). \"invalid\" counts generated DICOM headers that "
               "pydicom itself refuses to write, so they never become an input."]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(lines) + "\n")

@@ -193,6 +193,10 @@ def _check_fields(m: dict[str, Any], mpath: Path) -> None:
     why = preprocess_problem(m["preprocess"])
     if why:
         raise IntegrityError(f"{mpath}: invalid preprocess block: {why}")
+    files = m.get("files")
+    if files is not None and (not isinstance(files, dict) or not all(
+            isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h) for h in files.values())):
+        raise IntegrityError(f"{mpath}: files must map each file name to its sha256 (64 hex digits)")
 
 
 _RESIZE_METHODS = ("bilinear", "bicubic", "nearest", "area")

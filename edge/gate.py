@@ -33,6 +33,7 @@ TensorFlow-free.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -846,6 +847,27 @@ def gate(results_json: str | Path, baseline: str | Path | None = None, max_drop:
         else:
             report.notes.append(f"baseline NOT written to {baseline}: the gate did not pass")
     return report
+
+
+_gate_checks = gate
+
+
+@functools.wraps(_gate_checks)
+def gate(results_json: str | Path, *args: Any, **kwargs: Any) -> GateReport:
+    # Fail closed on results whose shape no check anticipated (a number where a list belongs ...):
+    # an error naming the file (exit 2), never a traceback. Usage errors (GateError) still raise.
+    try:
+        return _gate_checks(results_json, *args, **kwargs)
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError) as exc:
+        if isinstance(exc, EdgebrainError):
+            raise
+        rpath = Path(results_json)
+        rpath = rpath / "results.json" if rpath.is_dir() else rpath
+        fields = Thresholds.__dataclass_fields__
+        th = Thresholds(**{k: v for k, v in kwargs.items() if k in fields})
+        report = GateReport(str(rpath), th, baseline_path=str(kwargs["baseline"]) if kwargs.get("baseline") else None)
+        report.errors.append(f"{rpath}: malformed results, not trusted ({type(exc).__name__}: {str(exc)[:200]})")
+        return report
 
 
 def _resolution_notes(report: GateReport, recs: list[Any], ref: dict[str, Any], classes: list[str],

@@ -263,3 +263,18 @@ def test_results_that_contradict_themselves_are_not_trusted(tmp_path: Path) -> N
     # the reference itself
     code, msg = status(ref=_record("reference", CM, accuracy=0.5, target="tensorflow", precision="fp32"))
     assert code == 2 and "reference: accuracy" in msg
+
+
+def test_fuzz_finding_malformed_results_are_an_error_not_a_traceback(tmp_path: Path) -> None:
+    """Found by tests/edge/test_fuzz.py: ``"warnings": 1`` in results.json was a TypeError in gate."""
+    from edgebrain.cli import cli
+    from edgebrain.gate import gate
+
+    doc = _results()
+    doc["warnings"] = 1
+    p = _write(tmp_path, doc)
+    rep = gate(p, artifact_check=False, max_drop=0.7)
+    assert rep.exit_code == 2 and str(p) in rep.errors[0] and "malformed results" in rep.errors[0]
+    assert rep.thresholds.max_drop == 0.7
+    res = CliRunner().invoke(cli, ["gate", str(p), "--no-artifact-check"])
+    assert res.exit_code == 2 and "malformed results" in res.output

@@ -379,7 +379,8 @@ def test_mutated_results(work: Path, data: Any, edits: int) -> None:
     p = work / "results.json"
     p.write_text(json.dumps(doc, allow_nan=True))
     rep = _gate(p, max_unreadable=data.draw(st.integers(0, 3)))
-    event(f"exit {rep.exit_code}")
+    guarded = any("malformed results" in e for e in rep.errors)  # caught by gate's last-resort guard
+    event(f"exit {rep.exit_code}" + (" (malformed: guard)" if guarded else ""))
 
 
 @budget(25, 1000)

@@ -334,3 +334,14 @@ def test_resume_keeps_verified_artifacts_and_stale_work_is_removed(converted: di
         fh.write(b"\0")
     with pytest.raises(ConversionError, match="cannot be kept"):
         convert(converted["model"], "tflite", "fp32", out, no_verify=True, resume=True)
+
+
+def test_fuzz_finding_a_file_hash_that_is_not_a_string(tmp_path: Path) -> None:
+    """Found by tests/edge/test_fuzz.py: ``files: {"calibration.txt": null}`` (digest recomputed) was a
+    TypeError inside the hash check."""
+    folder = make_artifact(tmp_path / "a")
+    m = read(folder)
+    m["files"]["model.tflite"] = None
+    _resealed(folder, m)
+    with pytest.raises(IntegrityError, match="files must map each file name to its sha256"):
+        load_manifest(folder)
