@@ -33,6 +33,7 @@ TARGETS = {
     "test_results_bytes": "gate results reader: arbitrary bytes",
 }
 OUR_EVENTS = {"refused", "decoded", "exit", "edited", "resealed", "not"}  # the tests' own event() labels
+HISTORY = "## Earlier runs"
 STAT = re.compile(r"(\d+) passing, (\d+) failing, and (\d+) invalid")
 
 
@@ -107,7 +108,9 @@ def main() -> int:
               "while shrinking one failure, so one bug shows as many failing cases). \"invalid\" counts generated DICOM headers that "
               "pydicom itself refuses to write, so they never become an input."]
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text("\n".join(lines) + "\n")
+    old = a.out.read_text() if a.out.exists() else ""
+    keep = old[old.index(HISTORY):] if HISTORY in old else ""  # hand-written record of earlier runs
+    a.out.write_text("\n".join(lines) + "\n" + ("\n" + keep if keep else ""))
     print("\n".join(lines))
     return proc.returncode
 
