@@ -58,6 +58,11 @@ class PreprocessSpec:
 
     @classmethod
     def named(cls, name: str, size: int | tuple[int, int] = 224, **kw: Any) -> PreprocessSpec:
+        """A preset (or meanstd:...) at ``size``. ``name`` may carry ``+resize=METHOD`` and
+        ``+normalize=NAME`` (e.g. ``caffe+resize=nearest``): for models from other pipelines given
+        with --preprocess on the command line."""
+        name, opts = _split_options(name)
+        kw = {**opts, **kw}
         h, w = (size, size) if isinstance(size, int) else size
         if name.startswith("meanstd:"):
             # meanstd:m1,m2,m3/s1,s2,s3 in 0..255 units
@@ -130,6 +135,19 @@ class PreprocessSpec:
         if self.mode == "caffe":
             x = x[..., ::-1]
         return x
+
+
+def _split_options(name: str) -> tuple[str, dict[str, str]]:
+    """``"caffe+resize=nearest+normalize=percentile"`` -> ("caffe", {"resize": ..., "normalize": ...})."""
+    base, *parts = name.split("+")
+    opts: dict[str, str] = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("resize", "normalize") or not value:
+            raise ValueError(f"bad preprocessing option {part!r} in {name!r}: expected +resize=METHOD "
+                             f"({', '.join(RESIZE_METHODS)}) or +normalize=NAME")
+        opts[key] = value
+    return base, opts
 
 
 def default_for_variant(variant: str) -> str:

@@ -168,3 +168,39 @@ def test_canonical_names() -> None:
     assert canonical("zscore:2.5") == "zscore:2.5"
     with pytest.raises(NormalizeError):
         canonical("zscore:0")
+
+
+def test_command_line_preprocess_carries_resize_and_normalisation() -> None:
+    s = PreprocessSpec.named("caffe+resize=nearest+normalize=percentile", 32)
+    assert (s.name, s.mode, s.resize, s.normalize) == ("caffe", "caffe", "nearest", "percentile:1,99")
+    assert PreprocessSpec.named("meanstd:1,2,3/4,5,6+resize=area", 8).resize == "area"
+    for bad in ("caffe+resize=lanczos", "caffe+size=3", "caffe+resize"):
+        with pytest.raises(ValueError):
+            PreprocessSpec.named(bad, 32)
+
+
+@pytest.mark.slow
+def test_a_foreign_model_converts_and_predicts_with_its_resize_method(tiny_model: Path, data_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    """A model from another pipeline (no model card; Keras ImageDataGenerator resizes with
+    'nearest'): --preprocess names the method, the manifest records it, predict applies it."""
+    from click.testing import CliRunner
+
+    from edgebrain.cli import cli
+    from edgebrain.imageio import load_rgb, resize_rgb
+    from edgebrain.predict import Predictor
+
+    raw = tmp_path / "foreign" / "model.keras"
+    raw.parent.mkdir()
+    raw.write_bytes(tiny_model.read_bytes())
+    res = CliRunner().invoke(cli, ["convert", str(raw), "--to", "tflite", "--precision", "fp32", "--out",
+                                   str(tmp_path / "art"), "--preprocess", "rescale+resize=nearest",
+                                   "--classes", ",".join(CLASSES), "--data", str(data_dir), "--verify-n", "8"])
+    assert res.exit_code == 0, res.output
+    man = json.loads(next((tmp_path / "art").rglob("manifest.json")).read_text())
+    assert man["preprocess"]["resize"] == "nearest" and man["preprocess"]["normalize"] == "none"
+    p = Predictor(next((tmp_path / "art").rglob("manifest.json")).parent, threads=1)
+    f = sorted((data_dir / "Testing" / "glioma").iterdir())[0]
+    rgb = load_rgb(f)
+    np.testing.assert_array_equal(p.load(f)[0], resize_rgb(rgb, (32, 32), "nearest"))
+    assert not np.array_equal(p.load(f)[0], resize_rgb(rgb, (32, 32), "bilinear"))
