@@ -47,7 +47,8 @@ def _convert(model: Path, out: Path, data: Path) -> tuple[list[Path], list[str]]
     return paths, problems
 
 
-def _measure(tag: str, model: Path, data: Path, out: Path, per_class: int, seed: int) -> dict[str, Any]:
+def _measure(tag: str, model: Path, data: Path, out: Path, per_class: int, seed: int,
+             bench_per_class: int | None = None) -> dict[str, Any]:
     from edgebrain.bench import BenchOptions, bench
     from edgebrain.modelcard import ModelCard
 
@@ -56,10 +57,12 @@ def _measure(tag: str, model: Path, data: Path, out: Path, per_class: int, seed:
     opts = BenchOptions(threads=2, warmup=2, min_runs=10, min_seconds=0.2, throughput_min_runs=2,
                         throughput_min_seconds=0.1, n_boot=500, seed=seed)
     doc = bench(arts, data, device="host", reference=model / "model.keras", out=out / tag / "bench", options=opts,
-                overwrite=True, robustness=True, robustness_per_class=per_class,
+                overwrite=True, robustness=True, robustness_per_class=per_class, per_class=bench_per_class,
                 command=f"benchmarks/robustness.py ({tag})")
     card = ModelCard.find(model)
-    return {"tag": tag, "model": str(model), "preprocess": card.preprocess.to_dict() if card else None,
+    return {"tag": tag, "model": str(model),
+            "options": {"per_class": per_class, "seed": seed, "bench_per_class": bench_per_class},
+            "preprocess": card.preprocess.to_dict() if card else None,
             "training": {k: v for k, v in (card.training if card else {}).items()
                          if k.startswith("aug_") or k in ("brightness", "flip", "normalize", "resize")},
             "convert_problems": problems, "results": {k: v for k, v in doc.items() if not k.startswith("_")},
@@ -124,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--md", type=Path, default=None)
+    ap.add_argument("--bench-per-class", type=int, default=None, help="clean accuracy on a Testing subset "
+                                                                      "(default: every Testing image)")
+    ap.add_argument("--reuse", action="store_true", help="reuse OUT/TAG/measure.json of a model measured before "
+                                                          "with the same options")
     a = ap.parse_args(argv)
     command = "python benchmarks/robustness.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
     models = []
@@ -131,9 +138,18 @@ def main(argv: list[str] | None = None) -> int:
         tag, _, folder = spec.partition("=")
         if not folder or not (Path(folder) / "model.keras").is_file():
             ap.error(f"--model {spec}: expected TAG=FOLDER with model.keras inside")
+        from edgebrain.io import atomic_write_json, atomic_write_text, read_json
+
+        cached = a.out / tag / "measure.json"
+        want = {"per_class": a.per_class, "seed": a.seed, "bench_per_class": a.bench_per_class}
+        old = read_json(cached) if a.reuse and cached.is_file() else None
+        if old and old.get("options") == want and old.get("model") == folder:
+            models.append(old)
+            print(f"== {tag}: reused {cached}", file=sys.stderr)
+            continue
         print(f"== {tag}: {folder}", file=sys.stderr)
-        models.append(_measure(tag, Path(folder), a.data, a.out, a.per_class, a.seed))
-    from edgebrain.io import atomic_write_json, atomic_write_text
+        models.append(_measure(tag, Path(folder), a.data, a.out, a.per_class, a.seed, a.bench_per_class))
+        atomic_write_json(cached, models[-1])
 
     atomic_write_json(a.out / "robustness.json", {"command": command, "models": models})
     md = markdown(models, command)

@@ -54,7 +54,8 @@ def _model_fn(item: Any, threads: int | None, unsafe: bool) -> Model:
         return pred.infer
     from .bench import KerasRunner
 
-    runner = KerasRunner(str(item.path), threads, "cpu", unsafe)
+    # threads=None: TensorFlow may already be initialised in this process (its thread pools are fixed then)
+    runner = KerasRunner(str(item.path), None, "cpu", unsafe)
     spec = item.spec
     return lambda x: runner.run(spec.apply(x))
 
@@ -189,7 +190,7 @@ def condition_rows(rob: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             r = m["conditions"][i]
             agree = "" if r.get("agreement_reference") is None or m.get("reference") else \
                 f", agree {100 * r['agreement_reference']:.0f}%"
-            cells.append(f"{100 * r['accuracy']:.1f}% ({-r['drop_pp']:+.1f}{agree})")
+            cells.append(f"{100 * r['accuracy']:.1f}% ({0.0 - r['drop_pp']:+.1f}{agree})")
         rows.append(cells)
     return cols, rows
 
