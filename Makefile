@@ -64,7 +64,7 @@ $(XCEPR)/model.keras: | venv check-data
 	  --aug-gamma 0.6,1.6 --aug-contrast 0.6,1.4 --aug-noise 10 --aug-blur 1.5 --aug-jpeg 30,95 --aug-rescale 0.5 \
 	  --aug-prob 0.3
 
-models: $(LITE)/model.keras $(FULL)/model.keras $(XCEP)/model.keras
+models: $(LITE)/model.keras $(FULL)/model.keras $(XCEP)/model.keras $(XCEPR)/model.keras
 
 demo: venv check-data
 	$(PY) -m edgebrain.demo --data "$(DATA)" --out $(DEMO)
