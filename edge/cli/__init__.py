@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("edgebrain.cli.bench", "Accuracy and latency of artifacts on a device vs the FP32 reference."),
     "predict": ("edgebrain.cli.predict", "Classify images with an artifact (TensorFlow-free)."),
     "gate": ("edgebrain.cli.gate", "Fail when an artifact's accuracy regressed (CI gate)."),
+    "keygen": ("edgebrain.cli.keygen", "Make an Ed25519 key pair for convert --sign / --verify-with."),
 }
 
 
@@ -55,6 +56,10 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> Any:
+    """The console entry point: TensorFlow's native start-up noise is filtered from stderr."""
+    from ..tfenv import quiet_native_logs
+
+    quiet_native_logs()
     try:
         return cli.main(args=argv, prog_name="edgebrain", standalone_mode=True)
     except EdgebrainError as exc:  # pragma: no cover - standalone_mode handles most

@@ -78,6 +78,9 @@ def _cpus(ctx: click.Context, param: click.Parameter, value: str | None) -> list
                    "resolution, greyscale) on the host.")
 @click.option("--robustness-per-class", type=click.IntRange(min=0), default=50, show_default=True,
               help="Images per class for --robustness (seeded by --seed; 0: every image).")
+@click.option("--verify-with", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Ed25519 public key (PEM or ssh-ed25519): refuse every artifact whose manifest is not signed "
+                   "by this key (convert --sign).")
 @ct_options("the --data layout", "--data")
 def command(artifacts: tuple[Path, ...], data_dir: Path, devices: tuple[str, ...], reference: Path | None,
             no_reference: bool, out: Path, overwrite: bool, eval_list: Path | None, split: str,
@@ -86,7 +89,7 @@ def command(artifacts: tuple[Path, ...], data_dir: Path, devices: tuple[str, ...
             min_runs: int, min_seconds: float, reference_device: str, job_timeout: float | None,
             ssh_identity: Path | None, ssh_known_hosts: Path | None, ssh_options: tuple[str, ...],
             remote_python: str, keep_remote: bool, unsafe: bool, as_json: bool, robustness: bool,
-            robustness_per_class: int, ct_dir: Path | None, ct_csv: Path | None) -> None:
+            robustness_per_class: int, verify_with: Path | None, ct_dir: Path | None, ct_csv: Path | None) -> None:
     """Accuracy and speed of ARTIFACT(s) on DEVICE(s) against the FP32 reference.
 
     ARTIFACT is a `convert` output folder (its manifest's sha256 is checked first: a modified
@@ -127,7 +130,7 @@ def command(artifacts: tuple[Path, ...], data_dir: Path, devices: tuple[str, ...
                     classes=[c.strip() for c in classes.split(",")] if classes else None, input_size=input_size,
                     precision=raw_precision, no_reference=no_reference, overwrite=overwrite, unsafe=unsafe,
                     command=cmd, ct_dir=ct_dir, ct_csv=ct_csv, robustness=robustness,
-                    robustness_per_class=robustness_per_class or None)
+                    robustness_per_class=robustness_per_class or None, verify_with=verify_with)
     except EdgebrainError as exc:
         raise click.ClickException(str(exc)) from exc
     clean = {k: v for k, v in doc.items() if not k.startswith("_")}

@@ -93,6 +93,9 @@ def _print(report: object) -> None:
               help="Do not re-hash the artifact folders named in the results (gate on the numbers alone).")
 @click.option("--artifact-root", type=click.Path(path_type=Path), default=None,
               help="Where the artifact folders are, when not at the paths recorded in the results.")
+@click.option("--max-unreadable", type=click.IntRange(min=0), default=0, show_default=True,
+              help="How many evaluation images bench could not score (results.json data.failed) still pass; "
+                   "more fails the gate (exit 1).")
 @click.option("--junit", type=click.Path(path_type=Path), default=None, help="Write a JUnit XML report here.")
 @click.option("--summary", type=click.Path(path_type=Path), default=None,
               help="Write a Markdown summary here (e.g. append it to $GITHUB_STEP_SUMMARY).")
@@ -102,8 +105,8 @@ def command(results: Path, baseline: Path | None, update_baseline: bool, max_dro
             max_class_drop: float | None, min_agreement: float | None, min_accuracy: float | None,
             max_latency_ratio: float | None,
             non_inferiority: str, ni_margin: float, alpha: float, max_robustness_drop: float | None,
-            max_robustness_extra_drop: float | None, no_artifact_check: bool,
-            artifact_root: Path | None, junit: Path | None, summary: Path | None, json_out: Path | None) -> None:
+            max_robustness_extra_drop: float | None, no_artifact_check: bool, artifact_root: Path | None,
+            max_unreadable: int, junit: Path | None, summary: Path | None, json_out: Path | None) -> None:
     """Fail when an artifact in a bench RESULTS.json is less accurate than the FP32 reference.
 
     For every artifact x device: overall accuracy drop, every class's recall drop, top-1
@@ -130,6 +133,7 @@ def command(results: Path, baseline: Path | None, update_baseline: bool, max_dro
             max_latency_ratio=D_MAX_LATENCY_RATIO if max_latency_ratio is None else max_latency_ratio,
             non_inferiority=non_inferiority, ni_margin=ni_margin, alpha=alpha, min_accuracy=min_accuracy,
             artifact_check=not no_artifact_check, artifact_root=artifact_root, update_baseline=update_baseline,
+            max_unreadable=max_unreadable,
         )
         check_robustness(report, max_robustness_drop, max_robustness_extra_drop)
     except GateError as exc:
