@@ -68,7 +68,16 @@ $(XCEP)/model.keras: | venv check-data
 	$(EB) train xception-ft --data "$(DATA)" --out $(XCEP) --size 96 --width 0.25 --epochs 12 --batch-size 32 \
 	  --lr 2e-3 --lr-schedule cosine --patience 12 --flip --seed 42 --overwrite
 
-models: $(LITE)/model.keras $(FULL)/model.keras $(XCEP)/model.keras
+# (c) retrained for scans from other scanners: per-image percentile normalisation + intensity augmentation.
+XCEPR := $(MODELS)/xception-ft-w025-96-robust
+
+$(XCEPR)/model.keras: | venv check-data
+	$(EB) train xception-ft --data "$(DATA)" --out $(XCEPR) --size 96 --width 0.25 --epochs 12 --batch-size 32 \
+	  --lr 2e-3 --lr-schedule cosine --patience 12 --flip --seed 42 --overwrite --normalize percentile:1,99 \
+	  --aug-gamma 0.6,1.6 --aug-contrast 0.6,1.4 --aug-noise 10 --aug-blur 1.5 --aug-jpeg 30,95 --aug-rescale 0.5 \
+	  --aug-prob 0.3
+
+models: $(LITE)/model.keras $(FULL)/model.keras $(XCEP)/model.keras $(XCEPR)/model.keras
 
 demo: venv check-data
 	$(PY) -m edgebrain.demo --data "$(DATA)" --out $(DEMO)

@@ -788,6 +788,8 @@ def bench(
     log: Callable[[str], None] | None = None,
     ct_dir: str | Path | None = None,
     ct_csv: str | Path | None = None,
+    robustness: bool = False,
+    robustness_per_class: int | None = 50,
     verify_with: str | Path | None = None,
 ) -> dict[str, Any]:
     """Benchmark artifacts on one or more devices against the FP32 reference; write results to ``out``.
@@ -802,6 +804,10 @@ def bench(
     CT partner on the host (:func:`edgebrain.fusion.load_fused`, at the model input size) and the
     fused images, written as lossless PNG, are what every worker (and the reference) decodes. An
     MRI without a CT partner is listed in ``data.failed`` and counted in ``data.fusion.n_failed``.
+
+    ``robustness``: also run the perturbation suite (:mod:`edgebrain.robustness`) on the host, on
+    a seeded subsample of ``robustness_per_class`` images per class (None: every image), into
+    ``robustness`` of the results.
     """
     from .devices import parse_device
 
@@ -945,6 +951,9 @@ def bench(
                     "ece_bins": opts.ece_bins, "seed": opts.seed, "reference_device": opts.reference_device},
         "host": {"load_average_start": load_start, "load_average_end": _loadavg(), "wall_s": time.time() - t_start},
     }
+    if robustness:
+        doc["robustness"] = robustness_block([it for it, _, _ in ok_runs], ref_item, samples, ds.class_names,
+                                             opts, robustness_per_class, unsafe, say, fusion is not None)
     probs_store = {}
     for rec in ([ref_rec] if ref_rec else []) + records:
         probs_store[f"{rec['name']}@{rec['device']['label']}"] = rec.pop("_probs")
@@ -1074,3 +1083,23 @@ def load_results(path: str | Path) -> dict[str, Any]:
 
 __all__ = ["BenchError", "BenchOptions", "SSHOptions", "bench", "bootstrap_ci", "expected_calibration_error",
            "load_results", "mcnemar_exact", "resolve_item", "validate_results", "write_outputs"]
+
+
+def robustness_block(items: Sequence[Item], ref_item: Item | None, samples: Sequence[D.Sample],
+                     class_names: Sequence[str], opts: BenchOptions, per_class: int | None, unsafe: bool,
+                     say: Callable[[str], None], fused: bool) -> dict[str, Any]:
+    """The robustness suite for every artifact that ran (once each, on the host), or the reason it
+    could not run; never fails the benchmark itself."""
+    from .robustness import evaluate
+
+    if fused:
+        return {"error": "the robustness suite perturbs plain MRI scans; models on fused MRI+CT input are not covered"}
+    seen: dict[str, Item] = {}
+    for it in items:
+        seen.setdefault(str(it.path), it)
+    try:
+        return evaluate(list(seen.values()), ref_item, samples, class_names, per_class=per_class, seed=opts.seed,
+                        threads=opts.threads, unsafe=unsafe, say=say)
+    except (EdgebrainError, OSError, RuntimeError, ValueError) as exc:
+        say(f"error: robustness suite: {type(exc).__name__}: {exc}")
+        return {"error": f"{type(exc).__name__}: {exc}"}

@@ -1010,3 +1010,53 @@ def write_junit(path: str | Path, report: GateReport) -> None:
 
 def write_summary(path: str | Path, report: GateReport) -> None:
     atomic_write_text(path, markdown_summary(report))
+
+
+# ----------------------------------------------------------------------------- robustness rule
+
+
+def check_robustness(report: GateReport, max_worst_drop: float | None = None,
+                     max_extra_drop: float | None = None) -> GateReport:
+    """Add a ``robustness`` check to every subject from ``bench --robustness`` (results.json
+    ``robustness``): the artifact's worst accuracy drop under the perturbation suite must stay
+    within ``max_worst_drop`` pp, and (``max_extra_drop``) its drop may exceed the reference's under
+    the same perturbation by at most that many pp (int8 often degrades more than FP32). Fails
+    closed: asked for but not measured, or an artifact missing from the suite, is an error."""
+    if max_worst_drop is None and max_extra_drop is None:
+        return report
+    for name, v in (("max-robustness-drop", max_worst_drop), ("max-robustness-extra-drop", max_extra_drop)):
+        if v is not None and (not _finite(v) or not 0 <= v <= 100):
+            raise GateError(f"{name} must be between 0 and 100 percentage points (got {v})")
+    try:
+        rob = load_results(report.results_path).get("robustness")
+    except MissingMetric as exc:
+        rob = {"error": str(exc)}
+    by_name = {r.get("name"): r for r in (rob or {}).get("results") or [] if isinstance(r, dict)}
+    for s in report.subjects:
+        s.checks.append(_robustness_check(s, rob, by_name.get(s.name), max_worst_drop, max_extra_drop))
+    return report
+
+
+def _robustness_check(s: Subject, rob: dict[str, Any] | None, rec: dict[str, Any] | None,
+                      max_worst: float | None, max_extra: float | None) -> Check:
+    if not isinstance(rob, dict) or not rob or rob.get("error"):
+        why = (rob or {}).get("error") if isinstance(rob, dict) else None
+        return Check("robustness", ERROR, "no robustness results (run edgebrain bench --robustness)"
+                     + (f": {why}" if why else ""))
+    if rec is None:
+        return Check("robustness", ERROR, f"{s.name} is not in the robustness results")
+    try:
+        worst = _num(rec, "worst_drop_pp", s.key)
+        extra = _num(rec, "max_extra_drop_pp", s.key) if max_extra is not None else None
+    except MissingMetric as exc:
+        return Check("robustness", ERROR, str(exc))
+    bad = []
+    if max_worst is not None and worst > max_worst:
+        bad.append(f"worst drop {worst:.2f} pp ({rec.get('worst_condition')}) > {max_worst:g} pp")
+    if extra is not None and max_extra is not None and extra > max_extra:
+        bad.append(f"drops {extra:.2f} pp more than the reference under some perturbation (> {max_extra:g} pp; "
+                   f"worse under: {', '.join(rec.get('degrades_more_than_reference') or []) or '-'})")
+    msg = "; ".join(bad) or (f"worst drop {worst:.2f} pp ({rec.get('worst_condition')})"
+                             + (f", at most {extra:.2f} pp more than the reference" if extra is not None else ""))
+    return Check("robustness", FAIL if bad else PASS, msg, value=worst, limit=max_worst,
+                 details={"worst_by_perturbation": rec.get("worst_by_perturbation"), "max_extra_drop_pp": extra})

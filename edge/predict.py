@@ -236,7 +236,8 @@ class Predictor:
         spec: bitwise the same float32 values as ``spec.apply`` (tested), several times faster."""
         if rgb.ndim == 3:
             rgb = rgb[None]
-        if rgb.dtype != np.uint8 or self.channels != 3 or rgb.shape[-1] != 3:
+        if rgb.dtype != np.uint8 or self.channels != 3 or rgb.shape[-1] != 3 or self.spec.normalize != "none":
+            # (a per-image normalisation depends on the whole image: no per-pixel table)
             x = self.spec.apply(rgb)
             if self.channels == 1:
                 x = x.mean(axis=-1, keepdims=True)

@@ -30,6 +30,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# How every stage resamples an image to the model input (Pillow filters; "area" is Pillow's BOX).
+RESIZE_METHODS = ("nearest", "bilinear", "bicubic", "area")
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """How raw pixels become model input. ``name`` is one of PRESETS or ``meanstd``."""
@@ -41,11 +45,24 @@ class PreprocessSpec:
     mode: str = "scale"  # "scale": (x - mean) / std ; "caffe": BGR then x - mean
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (255.0, 255.0, 255.0)
-    resize: str = "bilinear"
+    resize: str = "bilinear"  # one of RESIZE_METHODS, applied by every stage (edgebrain.imageio)
     extra: dict[str, Any] = field(default_factory=dict)
+    normalize: str = "none"  # per-image intensity normalisation (edgebrain.normalize), before mean/std
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_METHODS:
+            raise ValueError(f"unknown resize method {self.resize!r}; choose one of {', '.join(RESIZE_METHODS)}")
+        from .normalize import canonical
+
+        object.__setattr__(self, "normalize", canonical(self.normalize))
 
     @classmethod
     def named(cls, name: str, size: int | tuple[int, int] = 224, **kw: Any) -> PreprocessSpec:
+        """A preset (or meanstd:...) at ``size``. ``name`` may carry ``+resize=METHOD`` and
+        ``+normalize=NAME`` (e.g. ``caffe+resize=nearest``): for models from other pipelines given
+        with --preprocess on the command line."""
+        name, opts = _split_options(name)
+        kw = {**opts, **kw}
         h, w = (size, size) if isinstance(size, int) else size
         if name.startswith("meanstd:"):
             # meanstd:m1,m2,m3/s1,s2,s3 in 0..255 units
@@ -99,18 +116,38 @@ class PreprocessSpec:
             x = tf.cast(x, tf.float32)
             mean = tf.constant(self.mean, tf.float32)
             std = tf.constant(self.std, tf.float32)
+        if self.normalize != "none":
+            x = self._normalized(x)
         if self.mode == "caffe":
             x = x[..., ::-1]
         elif self.mode != "scale":
             raise ValueError(f"unknown preprocessing mode {self.mode!r}")
         return (x - mean) / std
 
+    def _normalized(self, x: Any) -> Any:
+        from .normalize import normalize, normalize_tf
+
+        return normalize(x, self.normalize) if isinstance(x, np.ndarray) else normalize_tf(x, self.normalize)
+
     def invert(self, x: np.ndarray) -> np.ndarray:
-        """Model input -> RGB pixels in 0..255 (float), for overlays."""
+        """Model input -> RGB pixels in 0..255 (float), for overlays (after any normalisation)."""
         x = x * np.asarray(self.std, np.float32) + np.asarray(self.mean, np.float32)
         if self.mode == "caffe":
             x = x[..., ::-1]
         return x
+
+
+def _split_options(name: str) -> tuple[str, dict[str, str]]:
+    """``"caffe+resize=nearest+normalize=percentile"`` -> ("caffe", {"resize": ..., "normalize": ...})."""
+    base, *parts = name.split("+")
+    opts: dict[str, str] = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("resize", "normalize") or not value:
+            raise ValueError(f"bad preprocessing option {part!r} in {name!r}: expected +resize=METHOD "
+                             f"({', '.join(RESIZE_METHODS)}) or +normalize=NAME")
+        opts[key] = value
+    return base, opts
 
 
 def default_for_variant(variant: str) -> str:

@@ -44,7 +44,7 @@ T = TypeVar("T")
 
 #: The TensorFlow-free modules a device needs (shipped as edgebrain/<name>.py in a zip).
 REMOTE_MODULES = ("__init__", "preprocess", "imageio", "io", "errors", "artifact", "signing", "runtime", "progress",
-                  "doctor", "remote")
+                  "doctor", "remote", "normalize")
 RESULT_VERSION = 1
 
 DEFAULT_TIMING: dict[str, Any] = {

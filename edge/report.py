@@ -203,6 +203,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
         if extra:
             lines.append(f"**{r['name']} on {r['device'].get('label')}**: " + "; ".join(extra))
             lines.append("")
+    if doc.get("robustness"):
+        from .robustness import markdown as robustness_markdown
+
+        lines += robustness_markdown(doc["robustness"])
     if doc.get("errors"):
         lines += ["## Errors", ""]
         lines += [f"- {e.get('name', e['artifact'])} on {e['device']}: {e['error']}" for e in doc["errors"]]
@@ -367,6 +371,22 @@ def _html_table(tid: str, columns: list[str], rows: list[list[str]], recs: list[
     return "".join(out)
 
 
+def _robustness_html(rob: dict[str, Any]) -> str:
+    from . import robustness as R
+
+    if rob.get("error"):
+        return f'<h2>Robustness</h2><p class="err">Not measured: {html.escape(rob["error"])}</p>'
+    out = ["<h2>Robustness</h2>", f'<p class="muted">{rob["n"]} images, seed {rob["seed"]}: each scan perturbed at '
+           "its original resolution, then resized and preprocessed as each model's spec says. Δpp: accuracy drop "
+           "from the model's own clean accuracy (worst strength).</p>"]
+    for cols, rows in (R.summary_rows(rob), R.condition_rows(rob)):
+        out.append('<div class="wrap"><table><thead><tr>' + "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+                   + "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r)
+                                                       + "</tr>" for r in rows) + "</tbody></table></div>")
+    out.append(_img(_png(R.plot(rob)), "accuracy under perturbations", "plot"))
+    return "".join(out)
+
+
 def render_html(doc: dict[str, Any]) -> str:
     esc = html.escape
     d = doc["data"]
@@ -428,6 +448,8 @@ def render_html(doc: dict[str, Any]) -> str:
         parts.append(_img(plot_latency_bars(doc), "latency bars", "plot"))
         parts.append("<h2>Confusion matrices</h2>")
         parts.append(_img(plot_confusions(doc), "confusion matrices", "plot"))
+    if doc.get("robustness"):
+        parts.append(_robustness_html(doc["robustness"]))
 
     parts.append("<h2>Per-class figures</h2>")
     names = d["class_names"]

@@ -47,6 +47,17 @@ class TrainConfig:
     zoom: float = 0.0
     dropout: float = 0.5
     overwrite: bool = False
+    # preprocessing recorded in the spec (edgebrain.preprocess / edgebrain.normalize)
+    resize: str = "bilinear"  # nearest | bilinear | bicubic | area
+    normalize: str = "none"  # none | percentile[:LO,HI] | zscore[:K] | histeq | clahe[:CLIP]
+    # intensity augmentation (edgebrain.perturb.Augment); each op with probability aug_prob
+    aug_gamma: tuple[float, float] | None = None
+    aug_contrast: tuple[float, float] | None = None
+    aug_noise: float = 0.0
+    aug_blur: float = 0.0
+    aug_jpeg: tuple[float, float] | None = None
+    aug_rescale: float = 0.0
+    aug_prob: float = 0.5
     extra: dict[str, Any] = field(default_factory=dict)
     # MRI+CT fusion (edgebrain.fusion): method weighted | laplacian | wavelet, CT by name or CSV
     fuse: str | None = None
@@ -78,6 +89,7 @@ def _augmenter(cfg: TrainConfig) -> Any:
         layers.append(L.RandomZoom(cfg.zoom, fill_mode="constant", seed=cfg.seed))
     geo = keras().Sequential(layers) if layers else None
     lo, hi = cfg.brightness
+    intensity = _intensity_augment(cfg)
 
     def aug(x: Any) -> Any:
         x = tf.cast(x, tf.float32)
@@ -87,9 +99,38 @@ def _augmenter(cfg: TrainConfig) -> Any:
             # The seed's brightness enhancement: I_b = I * alpha, alpha ~ U[0.8, 1.2]
             alpha = tf.random.uniform([tf.shape(x)[0], 1, 1, 1], lo, hi)
             x = tf.clip_by_value(x * alpha, 0.0, 255.0)
+        if intensity is not None:
+            x = intensity(x)
         return x
 
     return aug
+
+
+def augment_of(cfg: TrainConfig) -> Any:
+    """The intensity augmentation a config asks for (an ``edgebrain.perturb.Augment``)."""
+    from .perturb import Augment
+
+    return Augment(gamma=cfg.aug_gamma, contrast=cfg.aug_contrast, noise=cfg.aug_noise, blur=cfg.aug_blur,
+                   jpeg=cfg.aug_jpeg, rescale=cfg.aug_rescale, prob=cfg.aug_prob)
+
+
+def _intensity_augment(cfg: TrainConfig) -> Any:
+    """gamma / contrast / noise / blur / JPEG / down-up-scaling, in NumPy (the functions the
+    robustness suite measures with) inside the tf.data pipeline; None when none is asked for."""
+    from .tfenv import import_tf
+
+    tf = import_tf()
+    spec = augment_of(cfg)
+    if not spec.active:
+        return None
+    rng = np.random.default_rng(cfg.seed)
+
+    def run(x: Any) -> Any:
+        y = tf.numpy_function(lambda a: spec.batch(a, rng), [x], tf.float32)
+        y.set_shape(x.shape)
+        return y
+
+    return run
 
 
 def augmenter_from_card(training: dict[str, Any] | None) -> Any:
@@ -97,10 +138,13 @@ def augmenter_from_card(training: dict[str, Any] | None) -> Any:
     the same way it was trained; None when the card records none."""
     if not training:
         return None
-    keys = ("flip", "rotate", "shift", "zoom", "brightness", "seed")
+    keys = ("flip", "rotate", "shift", "zoom", "brightness", "seed", "aug_gamma", "aug_contrast", "aug_noise",
+            "aug_blur", "aug_jpeg", "aug_rescale", "aug_prob")
     cfg = TrainConfig(variant=str(training.get("variant", "")), data_dir="", out="",
-                      **{k: (tuple(training[k]) if k == "brightness" else training[k]) for k in keys if k in training})
-    if not (cfg.flip or cfg.rotate or cfg.shift or cfg.zoom or tuple(cfg.brightness) != (1.0, 1.0)):
+                      **{k: (tuple(training[k]) if isinstance(training[k], list) else training[k])
+                         for k in keys if k in training})
+    if not (cfg.flip or cfg.rotate or cfg.shift or cfg.zoom or tuple(cfg.brightness) != (1.0, 1.0)
+            or augment_of(cfg).active):
         return None
     return _augmenter(cfg)
 
@@ -196,6 +240,8 @@ def _check_options(cfg: TrainConfig) -> None:
         raise DataError("--ct-dir / --ct-csv need --fuse METHOD")
     if cfg.variant == "sr-resnet50" and (cfg.preprocess or "rescale") != "rescale":
         raise DataError("sr-resnet50 needs --preprocess rescale (the SR stage works on pixels / 255)")
+    if cfg.variant == "sr-resnet50" and (cfg.normalize != "none" or cfg.resize != "bilinear"):
+        raise DataError("sr-resnet50 takes neither --normalize nor --resize (the SR stage works on raw pixels)")
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -223,7 +269,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         fspec = FusionSpec(method=cfg.fuse, mode=cfg.fuse_mode).validated()
         pairing = CTPairing(ct_dir=cfg.ct_dir, csv_path=cfg.ct_csv, mri_root=cfg.data_dir)
         pre_extra["fusion"] = fspec.to_dict()
-    spec = PreprocessSpec.named(cfg.preprocess or default_for_variant(cfg.variant), size, extra=pre_extra)
+    try:
+        spec = PreprocessSpec.named(cfg.preprocess or default_for_variant(cfg.variant), size, extra=pre_extra,
+                                    resize=cfg.resize, normalize=cfg.normalize)
+    except ValueError as exc:
+        raise DataError(str(exc)) from exc
     is_sr = cfg.variant == "sr-resnet50"
 
     ds = D.scan(cfg.data_dir)

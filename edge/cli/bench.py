@@ -46,7 +46,7 @@ def _cpus(ctx: click.Context, param: click.Parameter, value: str | None) -> list
 @click.option("--seed", type=int, default=0, show_default=True, help="Subset and bootstrap seed.")
 @click.option("--preprocess", default=None,
               help="For raw model files without a manifest: rescale | xception | caffe | imagenet | "
-                   "meanstd:M,M,M/S,S,S.")
+                   "meanstd:M,M,M/S,S,S, optionally +resize=METHOD and +normalize=NAME.")
 @click.option("--classes", default=None, help="For raw model files: class names in output order, comma-separated.")
 @click.option("--input-size", type=int, default=None, help="For raw model files whose input size is dynamic.")
 @click.option("--precision", "raw_precision", default=None,
@@ -73,6 +73,11 @@ def _cpus(ctx: click.Context, param: click.Parameter, value: str | None) -> list
 @click.option("--keep-remote", is_flag=True, help="Leave the working folder on the device.")
 @click.option("--unsafe", is_flag=True, help="Allow Keras Lambda layers in the reference (trusted files only).")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
+@click.option("--robustness", is_flag=True,
+              help="Also measure accuracy under seeded perturbations (gamma, contrast, noise, blur, JPEG, "
+                   "resolution, greyscale) on the host.")
+@click.option("--robustness-per-class", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Images per class for --robustness (seeded by --seed; 0: every image).")
 @click.option("--verify-with", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Ed25519 public key (PEM or ssh-ed25519): refuse every artifact whose manifest is not signed "
                    "by this key (convert --sign).")
@@ -83,8 +88,8 @@ def command(artifacts: tuple[Path, ...], data_dir: Path, devices: tuple[str, ...
             raw_precision: str | None, threads: int | None, cpus: list[int] | None, batch: int, warmup: int,
             min_runs: int, min_seconds: float, reference_device: str, job_timeout: float | None,
             ssh_identity: Path | None, ssh_known_hosts: Path | None, ssh_options: tuple[str, ...],
-            remote_python: str, keep_remote: bool, unsafe: bool, as_json: bool, verify_with: Path | None,
-            ct_dir: Path | None, ct_csv: Path | None) -> None:
+            remote_python: str, keep_remote: bool, unsafe: bool, as_json: bool, robustness: bool,
+            robustness_per_class: int, verify_with: Path | None, ct_dir: Path | None, ct_csv: Path | None) -> None:
     """Accuracy and speed of ARTIFACT(s) on DEVICE(s) against the FP32 reference.
 
     ARTIFACT is a `convert` output folder (its manifest's sha256 is checked first: a modified
@@ -124,7 +129,8 @@ def command(artifacts: tuple[Path, ...], data_dir: Path, devices: tuple[str, ...
                     ssh=ssh, split=split, eval_list=eval_list, per_class=per_class, preprocess=preprocess,
                     classes=[c.strip() for c in classes.split(",")] if classes else None, input_size=input_size,
                     precision=raw_precision, no_reference=no_reference, overwrite=overwrite, unsafe=unsafe,
-                    command=cmd, ct_dir=ct_dir, ct_csv=ct_csv, verify_with=verify_with)
+                    command=cmd, ct_dir=ct_dir, ct_csv=ct_csv, robustness=robustness,
+                    robustness_per_class=robustness_per_class or None, verify_with=verify_with)
     except EdgebrainError as exc:
         raise click.ClickException(str(exc)) from exc
     clean = {k: v for k, v in doc.items() if not k.startswith("_")}
@@ -149,6 +155,10 @@ def command(artifacts: tuple[Path, ...], data_dir: Path, devices: tuple[str, ...
                       f"{100 * r['accuracy']:.2f}%", "" if r is ref or not vs else f"{vs['delta_accuracy_pp']:+.2f}",
                       "" if r.get("agreement") is None else f"{100 * r['agreement']:.1f}%")
         con.print(t)
+        if clean.get("robustness"):
+            from ..robustness import robustness_table
+
+            con.print(robustness_table(clean["robustness"]))
         con.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'report.html'}")
     fusion = clean["data"].get("fusion") or {}
     if fusion.get("n_failed"):

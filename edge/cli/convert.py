@@ -66,7 +66,8 @@ def _command_line() -> str | None:
 @click.option("--channel-lr", type=float, default=1e-3, show_default=True,
               help="Initial fine-tuning learning rate after --prune-channels.")
 @click.option("--preprocess", default=None,
-              help="For a model without a model card: rescale | xception | caffe | imagenet | meanstd:M,M,M/S,S,S.")
+              help="For a model without a model card: rescale | xception | caffe | imagenet | meanstd:M,M,M/S,S,S, "
+                   "optionally +resize=nearest|bilinear|bicubic|area and +normalize=NAME (e.g. caffe+resize=nearest).")
 @click.option("--classes", default=None, help="For a model without a model card: class names, comma-separated.")
 @click.option("--keep-float", default=None,
               help="int8: keep ops whose names contain these substrings in float (comma-separated), e.g. "

@@ -85,6 +85,10 @@ def _print(report: object) -> None:
 @click.option("--ni-margin", type=float, default=D_NI_MARGIN, show_default=True,
               help="Non-inferiority margin for --non-inferiority ci, pp.")
 @click.option("--alpha", type=float, default=D_ALPHA, show_default=True, help="Significance level for mcnemar.")
+@click.option("--max-robustness-drop", type=float, default=None,
+              help="Max worst accuracy drop under the bench --robustness suite, pp [default: off].")
+@click.option("--max-robustness-extra-drop", type=float, default=None,
+              help="Max extra drop vs the reference under any perturbation of the suite, pp [default: off].")
 @click.option("--no-artifact-check", is_flag=True,
               help="Do not re-hash the artifact folders named in the results (gate on the numbers alone).")
 @click.option("--artifact-root", type=click.Path(path_type=Path), default=None,
@@ -100,8 +104,9 @@ def _print(report: object) -> None:
 def command(results: Path, baseline: Path | None, update_baseline: bool, max_drop: float | None,
             max_class_drop: float | None, min_agreement: float | None, min_accuracy: float | None,
             max_latency_ratio: float | None,
-            non_inferiority: str, ni_margin: float, alpha: float, no_artifact_check: bool,
-            artifact_root: Path | None, max_unreadable: int, junit: Path | None, summary: Path | None, json_out: Path | None) -> None:
+            non_inferiority: str, ni_margin: float, alpha: float, max_robustness_drop: float | None,
+            max_robustness_extra_drop: float | None, no_artifact_check: bool, artifact_root: Path | None,
+            max_unreadable: int, junit: Path | None, summary: Path | None, json_out: Path | None) -> None:
     """Fail when an artifact in a bench RESULTS.json is less accurate than the FP32 reference.
 
     For every artifact x device: overall accuracy drop, every class's recall drop, top-1
@@ -114,7 +119,7 @@ def command(results: Path, baseline: Path | None, update_baseline: bool, max_dro
     \b
     Exit codes: 0 pass, 1 regression, 2 usage error or missing/untrustworthy data.
     """
-    from ..gate import GateError, gate, write_junit, write_summary
+    from ..gate import GateError, check_robustness, gate, write_junit, write_summary
     from ..io import atomic_write_json
 
     if max_latency_ratio is not None and baseline is None:
@@ -130,6 +135,7 @@ def command(results: Path, baseline: Path | None, update_baseline: bool, max_dro
             artifact_check=not no_artifact_check, artifact_root=artifact_root, update_baseline=update_baseline,
             max_unreadable=max_unreadable,
         )
+        check_robustness(report, max_robustness_drop, max_robustness_extra_drop)
     except GateError as exc:
         raise GateUsage(str(exc)) from exc
     except EdgebrainError as exc:

@@ -36,6 +36,19 @@ from ..errors import EdgebrainError
 @click.option("--shift", type=float, default=0.0, help="Random shift, fraction of the size.")
 @click.option("--zoom", type=float, default=0.0, help="Random zoom, fraction.")
 @click.option("--no-brightness", is_flag=True, help="Disable the seed's brightness x[0.8, 1.2] augmentation.")
+@click.option("--resize", type=click.Choice(["nearest", "bilinear", "bicubic", "area"]), default="bilinear",
+              show_default=True, help="How images are resampled to the input size (recorded; used by every stage).")
+@click.option("--normalize", default="none", show_default=True,
+              help="Per-image intensity normalisation: none | percentile[:LO,HI] | zscore[:K] | histeq | "
+                   "clahe[:CLIP] (recorded; used by every stage).")
+@click.option("--aug-gamma", default=None, help="Random gamma LOW,HIGH (e.g. 0.7,1.5).")
+@click.option("--aug-contrast", default=None, help="Random contrast factor LOW,HIGH (e.g. 0.7,1.3).")
+@click.option("--aug-noise", type=float, default=0.0, help="Gaussian noise, max sigma in pixels (e.g. 8).")
+@click.option("--aug-blur", type=float, default=0.0, help="Gaussian blur, max sigma in pixels (e.g. 1).")
+@click.option("--aug-jpeg", default=None, help="JPEG re-encoding, quality LOW,HIGH (e.g. 30,95).")
+@click.option("--aug-rescale", type=float, default=0.0, help="Down-scale to a factor in [F, 1] and back (e.g. 0.5).")
+@click.option("--aug-prob", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+              help="Probability of each --aug-* option per image.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--fuse", type=click.Choice(["weighted", "laplacian", "wavelet"]), default=None,
               help="Train on fused MRI+CT inputs (needs --ct-dir or --ct-csv).")
@@ -84,6 +97,7 @@ def command(variant: str, data_dir: Path, out: Path, no_brightness: bool, **kw: 
         for k in ("ct_dir", "ct_csv", "sr_model"):
             if kw.get(k) is not None:
                 kw[k] = str(kw[k])
+        _parse_aug_ranges(kw)
         cfg = TrainConfig(variant=variant, data_dir=str(data_dir), out=str(out),
                           brightness=(1.0, 1.0) if no_brightness else (0.8, 1.2), **kw)  # type: ignore[arg-type]
         res = train(cfg)
@@ -91,3 +105,13 @@ def command(variant: str, data_dir: Path, out: Path, no_brightness: bool, **kw: 
         raise click.ClickException(str(exc)) from exc
     m = res["card"]["metrics"]
     click.echo(json.dumps({"out": str(out), **m}, indent=2))
+
+
+def _parse_aug_ranges(kw: dict[str, Any]) -> None:
+    from ..perturb import parse_range
+
+    for k in ("aug_gamma", "aug_contrast", "aug_jpeg"):
+        try:
+            kw[k] = parse_range(kw.get(k), "--" + k.replace("_", "-"))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from exc

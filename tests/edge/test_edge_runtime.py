@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 # The TensorFlow-free modules (docs/interfaces.md) plus this issue's: Python 3.9 syntax, no TF import.
 EDGE_MODULES = ["__init__", "preprocess", "imageio", "io", "errors", "artifact", "runtime", "progress", "doctor",
-                "predict", "localize", "remote", "cli/__init__", "cli/predict"]
+                "predict", "localize", "remote", "cli/__init__", "cli/predict", "normalize", "perturb"]
 
 
 @pytest.fixture(scope="module")
