@@ -60,6 +60,8 @@ class BuildContext:
     # target options the user set (the rest of ``options`` are defaults): never overridden by
     # the int8 search or fallbacks
     explicit: frozenset[str] = frozenset()
+    # the command's --time-budget (edgebrain.progress.Deadline); steps that can stop part-way ask it
+    deadline: Any = None
 
     def calib(self) -> CalibrationSet:
         if self.calibration is None:

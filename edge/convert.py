@@ -32,7 +32,8 @@ from . import data as D
 from .artifact import Artifact, load_manifest, write_manifest
 from .errors import DataError, EdgebrainError
 from .io import atomic_dir, atomic_write_json, environment_facts, sha256_file
-from .progress import enabled
+from .memory import MB, PeakRSS
+from .progress import BudgetExpired, Deadline, enabled
 
 if TYPE_CHECKING:
     from edgebrain.calibration import CalibrationSet
@@ -363,12 +364,20 @@ def _int8_choose(j: _Job, ctx: BuildContext, built: Any, build: Path, work: Path
             log.append({"settings": label(settings), "skipped": f"set explicitly: {', '.join(chosen_by_user)}"})
             return
         full = {**best[3], **settings}
+        if ctx.deadline is not None and ctx.deadline.expired():
+            log.append({"settings": label(full), "skipped": f"time budget of {ctx.deadline.seconds:g} s spent"})
+            return
         _say(f"{j.target.name} int8: {why}; trying {label(full)}")
         ctx2 = _with_settings(ctx, full)
         b2 = Path(tempfile.mkdtemp(prefix=f".{j.dirname}.alt-", dir=work))
         try:
             built2 = j.target.build(ctx2, j.precision, b2)
             v2, _ = _verify(_draft(b2, built2, j.target, j.precision, src), j.target, vs, 0.0, threads)
+        except BudgetExpired as exc:  # stopped part-way (e.g. accuracy control): the best so far stands
+            log.append({"settings": label(full), "stopped": str(exc)})
+            _say(f"{j.target.name} int8: {exc}; keeping the best build verified so far")
+            shutil.rmtree(b2, ignore_errors=True)
+            return
         except Exception as exc:  # a setting that cannot be built is recorded, the best so far stands
             log.append({"settings": label(full), "error": f"{type(exc).__name__}: {exc}"})
             shutil.rmtree(b2, ignore_errors=True)
@@ -531,6 +540,7 @@ def convert(
     overwrite: bool = False,
     threads: int | None = None,
     command: str | None = None,
+    time_budget: float | None = None,
     **options: Any,
 ) -> list[Artifact]:
     """Convert ``model`` to every (target, precision) and verify each artifact.
@@ -545,6 +555,11 @@ def convert(
     verified and pruned on fused pairs: ``ct_dir`` (CT images mirroring the dataset layout) and/or
     ``ct_csv`` (``mri,ct`` pairs), by default the CT source recorded in the model card. A model
     without a fusion given ``ct_dir`` / ``ct_csv`` is refused.
+
+    ``time_budget`` (seconds) bounds the whole run: the int8 search, its fallbacks and NNCF accuracy
+    control stop when it is spent, keeping the best build verified so far; targets not started by
+    then are listed as failed. Peak memory (RSS) per artifact and for the run is recorded in each
+    manifest and in ``convert_summary.json`` (``memory``).
     """
     from edgebrain.converters.base import CALIBRATED, PRECISIONS, ConversionError
     from edgebrain.converters.registry import get_target
@@ -564,6 +579,8 @@ def convert(
     if unknown:
         raise ConversionError(f"unknown option(s) {unknown}; target options: {', '.join(sorted(known))}")
     opts = {k: (options[k] if options.get(k) is not None else v["default"]) for k, v in known.items()}
+    if time_budget is not None and not time_budget > 0:
+        raise ConversionError(f"--time-budget must be a positive number of seconds, got {time_budget}")
     if not 0.0 < min_agreement <= 1.0:
         raise ConversionError(f"--min-agreement must be in (0, 1], got {min_agreement}")
     if verify_n is not None and verify_n < 1:
@@ -589,6 +606,7 @@ def convert(
                                     else None),
             "no_int8_search": not int8_search,  # --no-int8-search
             "no_verify": no_verify, "allow_overlap": allow_overlap, "unsafe": unsafe, "overwrite": overwrite,
+            "time_budget": time_budget,
             **{k: v for k, v in options.items() if v is not None and v != known[k]["default"]}})
 
     out = Path(out)
@@ -604,7 +622,7 @@ def convert(
                         ct_dir=ct_dir, ct_csv=ct_csv, verify_n=verify_n,
                         min_agreement=min_agreement, no_verify=no_verify, allow_overlap=allow_overlap,
                         unsafe=unsafe, overwrite=overwrite, threads=threads, command=command, opts=opts,
-                        given=frozenset(k for k, v in options.items() if v is not None),
+                        time_budget=time_budget, given=frozenset(k for k, v in options.items() if v is not None),
                         calibrated=CALIBRATED)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -633,10 +651,12 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
              ct_dir: str | Path | None, ct_csv: str | Path | None, verify_n: int | None,
              min_agreement: float, no_verify: bool, allow_overlap: bool, unsafe: bool, overwrite: bool,
              threads: int | None, command: str,
-             opts: dict[str, Any], calibrated: frozenset[str], given: frozenset[str]) -> list[Artifact]:
+             opts: dict[str, Any], calibrated: frozenset[str], given: frozenset[str],
+             time_budget: float | None = None) -> list[Artifact]:
     from edgebrain.converters.base import BuildContext, ConversionError, file_sizes
     from edgebrain.converters.source import load_source
 
+    deadline, mem = Deadline(time_budget), PeakRSS()
     src = load_source(model, unsafe=unsafe, preprocess=preprocess, classes=classes, workdir=work)
     original = src.describe()
     dd = _Data(src, data)
@@ -709,7 +729,7 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
     ctx = BuildContext(source=src, workdir=work, options=opts, calibration=(lambda: cal) if cal is not None else None,
                        validation=validation if dd.available else None, calib_method=calib_method,
                        float_scopes=scopes, float_stages=stages,
-                       explicit=given,
+                       explicit=given, deadline=deadline,
                        int8_checked=not no_verify and bool(int8_fallback_below))
     if scopes:
         _say(f"int8: ops named *{'*, *'.join(scopes)}* stay float ({', '.join(stages)})")
@@ -730,7 +750,12 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
     failed: list[dict[str, str]] = []
     records: list[dict[str, Any]] = []
     for j in jobs:
+        if deadline.expired():
+            failed.append(_not_started(j, deadline))
+            _say(f"NOT STARTED {j.target.name} {j.precision}: {failed[-1]['error']}")
+            continue
         _say(f"converting {j.target.name} {j.precision} -> {out / j.dirname}")
+        section = mem.section().start()
         build = Path(tempfile.mkdtemp(prefix=f".{j.dirname}.build-", dir=work))
         try:
             built = j.target.build(ctx, j.precision, build)
@@ -830,7 +855,9 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
                 warnings.append(vs.note)
         else:
             warnings.append("NOT verified against the source model (--no-verify)")
+        section.stop()
         manifest.update({
+            "memory": section.to_dict(),
             "verification": verification if verification is not None else {"skipped": True},
             "versions": environment_facts(),
             "command": command,
@@ -851,7 +878,8 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
                 raise ConversionError(f"{dest}: the copied model file differs from the verified one")
         shutil.rmtree(build, ignore_errors=True)
         rec = {"name": j.dirname, "path": str(dest), "target": j.target.name, "precision": j.precision,
-               **manifest["size"], "verification": manifest["verification"], "ops": built.ops}
+               **manifest["size"], "verification": manifest["verification"], "ops": built.ops,
+               "memory": manifest["memory"]}
         if pipe is not None:
             rec["pipeline_stages"] = [{k: e[k] for k in ("name", "model_file", "precision")} for e in stage_entries]
         if ok:
@@ -887,6 +915,8 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
         "rejected": rejected,
         "failed": failed,
         "warnings": run_warnings,
+        "memory": _memory_summary(mem, records),
+        "time_budget": _budget_summary(deadline),
     }
     atomic_write_json(out / SUMMARY, summary)
     if rejected or failed:
@@ -894,6 +924,23 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
         lines += [f"{f['target']} {f['precision']}: failed: {f['error']}" for f in failed]
         raise ConvertFailed("conversion incomplete:\n  " + "\n  ".join(lines), summary, artifacts)
     return artifacts
+
+
+def _not_started(j: _Job, deadline: Deadline) -> dict[str, str]:
+    return {"target": j.target.name, "precision": j.precision,
+            "error": f"not started: the time budget of {deadline.seconds:g} s was spent "
+                     f"({deadline.elapsed():.0f} s elapsed)"}
+
+
+def _memory_summary(mem: PeakRSS, records: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"peak_rss_mb": round(mem.overall / MB, 1), "measured": mem.method(),
+            "per_artifact_mb": {r["name"]: r["memory"]["peak_rss_mb"] for r in records if r.get("memory")}}
+
+
+def _budget_summary(deadline: Deadline) -> dict[str, Any] | None:
+    if deadline.seconds is None:
+        return None
+    return {"seconds": deadline.seconds, "elapsed_s": round(deadline.elapsed(), 1), "spent": deadline.expired()}
 
 
 # ----------------------------------------------------------------------------- pipeline stages
