@@ -37,6 +37,7 @@ from .base import (
     Target,
     equalize_wanted,
     equalized_source,
+    inference_batch,
 )
 from .registry import register
 from .source import DEFAULT_OPSET
@@ -376,7 +377,7 @@ class OpenVINOTarget(Target):
                     raise ConversionError(f"--max-drop-metric must be accuracy or agreement, got {metric!r}")
                 xv, yv = ctx.validation()
                 if metric == "agreement":  # the float model's own predictions are the reference
-                    yv = ctx.source.predict(xv).argmax(1)
+                    yv = ctx.source.predict(xv, batch=inference_batch(ctx.source)).argmax(1)
                 items = [(xv[i : i + 1], int(yv[i])) for i in range(len(xv))]
                 val_ds = nncf.Dataset(items, lambda item: item[0])
 

@@ -267,9 +267,12 @@ class _VerifySet:
     ref: np.ndarray  # source probabilities
     note: str | None = None
     fusion: dict[str, Any] | None = None  # fused MRI+CT inputs: the spec, CT source, unpaired count
+    batch: int = 32  # images per inference call (bounded by the memory budget for large models)
 
 
 def _verify_set(src: Source, data: _Data, verify_n: int | None, calib: CalibrationSet | None) -> _VerifySet:
+    from edgebrain.converters.base import inference_batch
+
     spec = src.spec
     if data.available:
         arr = data.arrays("val", spec.size, n=verify_n, resize=spec.resize)
@@ -279,18 +282,18 @@ def _verify_set(src: Source, data: _Data, verify_n: int | None, calib: Calibrati
             if data.fusion is not None:
                 fused = {**data.fusion.to_dict(), **data.pairing.describe(), "pairs": int(len(arr.x)),
                          "unpaired_skipped": data.unpaired.get("val", 0)}
-            return _VerifySet(x, arr.y, "val", src.predict(x), fusion=fused)
+            return _VerifySet(x, arr.y, "val", src.predict(x, batch=inference_batch(src)), fusion=fused)
     if calib is not None and len(calib):
         x = calib.x if verify_n is None else calib.x[:verify_n]
         y = calib.y[: len(x)] if (calib.y >= 0).all() else None
-        return _VerifySet(x, y, "calib", src.predict(x),
+        return _VerifySet(x, y, "calib", src.predict(x, batch=inference_batch(src)),
                           "verified on the calibration images (no validation split known: pass --data DIR)",
                           fusion=calib.info.get("fusion"))
     n = verify_n or 32
     rng = np.random.default_rng(0)
     pix = rng.integers(0, 256, size=(n, *spec.size, spec.channels), dtype=np.uint8)
     x = spec.apply(pix).astype(np.float32)
-    return _VerifySet(x, None, "random-pixels", src.predict(x),
+    return _VerifySet(x, None, "random-pixels", src.predict(x, batch=inference_batch(src)),
                       "verified on random-pixel images only (no images known: pass --data DIR)")
 
 
@@ -449,7 +452,7 @@ def _verify(art: Artifact, target: Target, vs: _VerifySet, min_agreement: float,
 
     warnings: list[str] = []
     runner = target.load(art, threads=threads)
-    outs = [np.asarray(runner.run(vs.x[i : i + 32])) for i in range(0, len(vs.x), 32)]
+    outs = [np.asarray(runner.run(vs.x[i : i + vs.batch])) for i in range(0, len(vs.x), vs.batch)]
     probs = np.concatenate(outs) if outs else np.zeros_like(vs.ref)
     if probs.shape != vs.ref.shape:
         return ({"n": int(len(vs.x)), "split": vs.split, "passed": False, "threshold": min_agreement,
@@ -741,6 +744,7 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
     vs: _VerifySet | None = None
     if not no_verify:
         vs = _verify_set(src, dd, verify_n, cal)
+        vs.batch = _verify_batch(src)
         _say(f"verification: {len(vs.x)} images ({vs.split}) against the source model")
 
     src_name = _model_name(Path(original["path"]))
@@ -924,6 +928,12 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
         lines += [f"{f['target']} {f['precision']}: failed: {f['error']}" for f in failed]
         raise ConvertFailed("conversion incomplete:\n  " + "\n  ".join(lines), summary, artifacts)
     return artifacts
+
+
+def _verify_batch(src: Source) -> int:
+    from edgebrain.converters.base import inference_batch
+
+    return inference_batch(src, 32)
 
 
 def _not_started(j: _Job, deadline: Deadline) -> dict[str, str]:
