@@ -134,6 +134,7 @@ def test_memory_figure_in_summary_and_manifest(tiny_src: Path, tmp_path: Path, c
     assert summary["time_budget"] is None
 
 
+@pytest.mark.slow
 def test_time_budget_stops_the_int8_search_and_keeps_the_verified_build(
         tiny_src: Path, tmp_path: Path, cache_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The budget runs out during the first int8 build: the percentile candidate is not tried, the
@@ -163,6 +164,7 @@ def test_time_budget_stops_the_int8_search_and_keeps_the_verified_build(
     assert s["time_budget"]["spent"] is True
 
 
+@pytest.mark.slow
 def test_accuracy_control_stops_at_the_budget(tiny_src: Path, tmp_path: Path, cache_env: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """NNCF accuracy control (the OpenVINO int8 fallback) reports progress and stops at its next
@@ -212,3 +214,21 @@ def test_budgeted_validation_reports_and_stops(capsys: pytest.CaptureFixture[str
     d.seconds = 1e-6
     with pytest.raises(BudgetExpired, match="time budget"):
         validate(Compiled(), [(None, 1)])
+
+
+def test_inference_batches_follow_the_activation_size(tiny_src: Path, tmp_path: Path, cache_env: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verification and reference outputs ran 32 / 64 images at once: 4 to 8 GB of activations for
+    a VGG16 at 240 px. The batch now follows the model's activation size and the step budget."""
+    from edgebrain.converters.base import activation_bytes, inference_batch
+    from edgebrain.converters.source import load_source
+
+    src = load_source(tiny_src, workdir=tmp_path)
+    per = activation_bytes(src)
+    # 32x32x3 input, two 8-channel convolutions (30x30, 28x28), pooled features and the head
+    assert per == 4 * (32 * 32 * 3 + 30 * 30 * 8 + 28 * 28 * 8 + 8 + 4)
+    assert inference_batch(src) == 64
+    monkeypatch.setenv("EDGEBRAIN_STEP_MEMORY_MB", str(10 * per / 2**20))
+    assert inference_batch(src) == 10 and inference_batch(src, most=4) == 4
+    monkeypatch.setenv("EDGEBRAIN_STEP_MEMORY_MB", "0.001")
+    assert inference_batch(src) == 1
