@@ -105,6 +105,13 @@ def measure(model: Path, targets: list[str], out: Path, extra: list[str], kill_a
             s = json.loads(summ.read_text())
             row["summary_memory"] = s.get("memory")
             row["artifacts"] = [{k: a.get(k) for k in ("name", "status", "memory")} for a in s.get("artifacts", [])]
+            for a in row["artifacts"]:
+                man = Path(str(s["artifacts"][row["artifacts"].index(a)]["path"])) / "manifest.json"
+                if man.is_file():
+                    q = json.loads(man.read_text()).get("quantization") or {}
+                    a["calibration_streaming"] = q.get("calibration_streaming")
+                    a["selection"] = q.get("selection")
+                    a["fallback"] = q.get("fallback")
             row["failed"] = s.get("failed")
         print(json.dumps(row, indent=1), flush=True)
         rows.append(row)
@@ -119,6 +126,30 @@ def estimate(model: Path, calib_size: int) -> dict[str, Any]:
             "all_images_kept_gb": round(per * calib_size / 2**30, 2), "calib_size": calib_size}
 
 
+def markdown(rows: list[dict[str, Any]], est: dict[str, Any] | None) -> str:
+    """A results section: peak memory per target, how it was measured, the command."""
+    L = ["| target | exit | peak RSS, process tree (sampled) | ru_maxrss | convert_summary `memory.peak_rss_mb` | "
+         "wall | calibration passes |", "|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        mem = (r.get("summary_memory") or {}).get("peak_rss_mb")
+        cal = ""
+        for a in r.get("artifacts") or []:
+            st = (a.get("calibration_streaming") or {})
+            if st:
+                cal = (f"{st['images_per_pass']} image(s)/pass, {st['held_mb_per_pass']:.0f} MB held "
+                       f"(all at once: {st.get('all_images_at_once_mb') or 0:.0f} MB)")
+        killed = " (killed)" if r.get("killed_above_bytes") else ""
+        L.append(f"| {r['target']} | {r['exit_code']}{killed} | {r['peak_rss_sampled_gb']:.2f} GB | "
+                 f"{r['children_ru_maxrss_gb']:.2f} GB | {'-' if mem is None else f'{mem / 1024:.2f} GB'} | "
+                 f"{r['wall_s']:.0f} s | {cal or '-'} |")
+    L += ["", "Commands:", "", "```"] + [r["command"] for r in rows] + ["```"]
+    if est:
+        L += ["", f"Without streaming (onnxruntime keeps every calibration image's activations for the histogram "
+                  f"methods): {est['calibrated_activation_bytes_per_image'] / 2**20:.0f} MB per image x "
+                  f"{est['calib_size']} images = **{est['all_images_kept_gb']} GB**."]
+    return "\n".join(L) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -131,6 +162,10 @@ def main() -> None:
     m.add_argument("--out", type=Path, required=True)
     m.add_argument("--json", type=Path, default=None)
     m.add_argument("--kill-above-gb", type=float, default=10.0)
+    r = sub.add_parser("report", help="a Markdown section from the JSON files of measure")
+    r.add_argument("json", type=Path, nargs="+")
+    r.add_argument("--model", type=Path, default=None, help="also print the no-streaming estimate")
+    r.add_argument("--calib-size", type=int, default=256)
     m.add_argument("extra", nargs="*", help="more convert arguments (after --)")
     e = sub.add_parser("estimate")
     e.add_argument("--model", type=Path, required=True)
@@ -138,6 +173,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.cmd == "build":
         build(a.out, a.size)
+    elif a.cmd == "report":
+        rows = [row for f in a.json for row in json.loads(f.read_text())]
+        print(markdown(rows, estimate(a.model, a.calib_size) if a.model else None))
     elif a.cmd == "estimate":
         print(json.dumps(estimate(a.model, a.calib_size), indent=1))
     else:
