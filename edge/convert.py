@@ -33,7 +33,7 @@ from .artifact import Artifact, load_manifest, write_manifest
 from .errors import DataError, EdgebrainError
 from .io import atomic_dir, atomic_write_json, environment_facts, sha256_file
 from .memory import MB, PeakRSS
-from .progress import BudgetExpired, Deadline, enabled
+from .progress import BudgetExpired, Deadline, enabled, track
 
 if TYPE_CHECKING:
     from edgebrain.calibration import CalibrationSet
@@ -452,7 +452,8 @@ def _verify(art: Artifact, target: Target, vs: _VerifySet, min_agreement: float,
 
     warnings: list[str] = []
     runner = target.load(art, threads=threads)
-    outs = [np.asarray(runner.run(vs.x[i : i + vs.batch])) for i in range(0, len(vs.x), vs.batch)]
+    outs = [np.asarray(runner.run(vs.x[i : i + vs.batch]))
+            for i in track(range(0, len(vs.x), vs.batch), f"verifying {art.target} {art.precision}")]
     probs = np.concatenate(outs) if outs else np.zeros_like(vs.ref)
     if probs.shape != vs.ref.shape:
         return ({"n": int(len(vs.x)), "split": vs.split, "passed": False, "threshold": min_agreement,

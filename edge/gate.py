@@ -8,7 +8,8 @@ artifact x device in it, checks against the FP32 reference of the same run:
                        is the artifact that was measured, and was converted from the reference;
 * ``accuracy``         overall accuracy drop (percentage points) <= ``max_drop``;
 * ``class_recall``     every class's recall drop <= ``max_class_drop`` (a missed glioma matters
-                       more than an average);
+                       more than an average); a class where one image is worth more than that is
+                       decided by an exact one-sided McNemar test (``class_rule="exact"``);
 * ``agreement``        top-1 agreement with the reference >= ``min_agreement``;
 * ``min_accuracy``     optional absolute floor (``--min-accuracy``): also catches a reference that
                        is itself broken, which relative checks cannot;
@@ -16,7 +17,10 @@ artifact x device in it, checks against the FP32 reference of the same run:
                        within ``ni_margin`` of the reference accuracy (``ci``), or McNemar's test
                        does not find the artifact significantly worse (``mcnemar``);
 
-and, with a stored baseline (``--baseline``), against the numbers recorded for the same
+Artifacts that ``edgebrain convert`` rejected or could not build (``convert_summary.json`` beside
+the artifacts, or ``convert_summary``) are subjects with a failed ``conversion`` check.
+
+And, with a stored baseline (``--baseline``), against the numbers recorded for the same
 artifact x device when it was approved:
 
 * ``baseline_accuracy`` accuracy and class-recall drops vs the baseline (same thresholds);
