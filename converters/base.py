@@ -253,9 +253,12 @@ def activation_bytes(src: Source) -> int:
 
 def inference_batch(src: Source, most: int = 64) -> int:
     """Images per inference call (verification, the source's reference outputs) within the step
-    memory budget (:func:`edgebrain.memory.step_budget`), at most ``most``: a VGG16 at 240 px holds
-    about 130 MB of activations per image, so 64 at once would take several GB."""
+    memory budget (:func:`edgebrain.memory.step_budget`), counting the runtime's working memory as
+    twice the activations, at most ``most``: a VGG16 at 240 px has about 127 MB of activations per
+    image, so 64 at once would take over 10 GB."""
     from edgebrain.memory import step_budget
 
-    per = activation_bytes(src)
+    from .onnx_target import RUNTIME_FACTOR
+
+    per = activation_bytes(src) * RUNTIME_FACTOR
     return most if per <= 0 else int(max(1, min(most, step_budget() // per)))

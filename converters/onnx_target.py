@@ -390,6 +390,10 @@ BYTES = {1: 4, 10: 2}
 MAX_CALIB_BATCH = 16
 # histogram methods hold a pass's activations and, while histogramming one tensor, two copies of it
 HISTOGRAM_COPIES = 3
+# onnxruntime's working memory per image in flight, as a multiple of the model's activation bytes
+# (arena, im2col buffers, layout transposes): 5.2 GB peak for a VGG16 at 240 px (127 MB of
+# activations per image) calibrating 16 images per pass, ~2x the activations
+RUNTIME_FACTOR = 2
 
 
 def activation_sizes(model: Path) -> dict[str, int]:
@@ -422,9 +426,9 @@ def activation_bytes_per_image(model: Path) -> int:
 
 
 def calibration_batch(per_image: int, largest: int, histogram: bool, budget: int) -> int:
-    """Images per calibration pass within ``budget`` bytes: histogram methods keep every
-    activation of the pass (plus copies of one tensor), min/max keeps only the tensors alive
-    while the model runs (a few of the largest)."""
+    """Images per calibration pass within ``budget`` bytes: onnxruntime's working memory for the
+    images in flight (``RUNTIME_FACTOR`` x their activations), and for the histogram methods also
+    every activation of the pass handed back to the calibrator, plus two copies of one tensor."""
     hold = calibration_batch_bytes(per_image, largest, histogram, 1)
     return int(max(1, min(MAX_CALIB_BATCH, budget // max(hold, 1))))
 
@@ -484,7 +488,8 @@ def stream_ranges(model: Path, method: Any, cs: Any, input_name: str, workdir: P
 
 def calibration_batch_bytes(per_image: int, largest: int, histogram: bool, batch: int) -> int:
     """Bytes a calibration pass of ``batch`` images holds (see :func:`calibration_batch`)."""
-    return batch * (per_image + (HISTOGRAM_COPIES - 1) * largest if histogram else HISTOGRAM_COPIES * largest)
+    run = RUNTIME_FACTOR * per_image
+    return batch * (run + per_image + (HISTOGRAM_COPIES - 1) * largest if histogram else run)
 
 
 register(ONNXTarget())
