@@ -10,11 +10,12 @@ DEMO ?= artifacts/demo
 export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: help venv demo test test-zoo fuzz lint bench models clean check-data
+.PHONY: help venv demo test test-fast test-all test-zoo fuzz lint bench models clean check-data
 
 help:
 	@echo "make demo    - train -> convert -> bench -> gate on the real data (creates $(VENV))"
-	@echo "make test    - run the test suite (creates $(VENV))"
+	@echo "make test    - the test suite CI runs (creates $(VENV)); make test-fast: no training (minutes);"
+	@echo "               make test-all: everything, with the zoo and the long training tests"
 	@echo "make lint    - ruff"
 	@echo "make bench   - benchmarks/ scripts -> BENCHMARKS.md"
 	@echo "make models  - (re)build the documented trained models into $(MODELS) (cached)"
@@ -22,7 +23,9 @@ help:
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e ".[full,dev]"
+	@# setuptools' generic "editable installation" notice is dropped; every other line is shown
+	$(VENV)/bin/pip install -q -e ".[full,dev]" 2>&1 \
+	  | sed -e '/BuildBackendWarning: Editable installation/,/with strategy, WheelFile/d'; test $${PIPESTATUS[0]} -eq 0
 	touch $@
 
 venv: $(VENV)/.installed
@@ -30,8 +33,18 @@ venv: $(VENV)/.installed
 check-data:
 	@test -d "$(DATA)/Training" || { echo "error: dataset not found at $(DATA) (expected ../shared/data/brain-tumor-mri-224 beside the checkout; set DATA=...)"; exit 2; }
 
+# Lanes (measured wall times in the README). Two xdist workers; a module's tests stay on one worker
+# (--dist loadscope) so its fixtures are built once; trained fixtures are cached across workers and runs.
+PYTEST := EDGEBRAIN_DATA="$(DATA)" $(VENV)/bin/pytest -q -ra -n 2 --dist loadscope
+
 test: venv check-data
-	EDGEBRAIN_DATA="$(DATA)" $(VENV)/bin/pytest -q -ra
+	$(PYTEST) -m "not long and not zoo"
+
+test-fast: venv check-data
+	EDGEBRAIN_LANE=fast $(PYTEST) -m "not train and not slow and not long and not zoo"
+
+test-all: venv check-data
+	$(PYTEST)
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -69,7 +82,7 @@ clean:
 
 # ---------------------------------------------------------------- more test lanes
 test-zoo: venv check-data
-	EDGEBRAIN_DATA="$(DATA)" $(VENV)/bin/pytest -q -ra -m zoo tests
+	$(PYTEST) -m zoo tests
 
 fuzz: venv
-	EDGEBRAIN_FUZZ=long EDGEBRAIN_DATA="$(DATA)" $(VENV)/bin/pytest -q -ra -m fuzz tests
+	EDGEBRAIN_FUZZ=long $(PYTEST) -m fuzz tests

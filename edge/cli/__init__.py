@@ -55,6 +55,10 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> Any:
+    """The console entry point: TensorFlow's native start-up noise is filtered from stderr."""
+    from ..tfenv import quiet_native_logs
+
+    quiet_native_logs()
     try:
         return cli.main(args=argv, prog_name="edgebrain", standalone_mode=True)
     except EdgebrainError as exc:  # pragma: no cover - standalone_mode handles most

@@ -13,6 +13,7 @@ def _x(size: int, n: int = 4) -> np.ndarray:
     return np.random.default_rng(0).uniform(0, 1, (n, size, size, 3)).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_chains_in_a_resnet50_and_ratio_zero_is_identity() -> None:
     from edgebrain.converters.channel_pruning import find_chains, shrink
     from edgebrain.models import build_model
@@ -28,6 +29,7 @@ def test_chains_in_a_resnet50_and_ratio_zero_is_identity() -> None:
     np.testing.assert_array_equal(same(x).numpy(), m(x).numpy())
 
 
+@pytest.mark.slow
 def test_shrink_removes_exactly_the_dead_channels() -> None:
     """Channels whose batch-norm scale and shift are 0 contribute nothing: removing them (they rank
     last) must leave the outputs unchanged, which checks every slice (A's filters and bias, the
@@ -64,6 +66,7 @@ def test_shrink_removes_exactly_the_dead_channels() -> None:
     assert macs(small) < 0.8 * macs(m)
 
 
+@pytest.mark.slow
 def test_nested_keras_applications_backbone() -> None:
     """Keras applications ResNet50 nested in a Functional model (the paper's layout)."""
     from edgebrain.converters.channel_pruning import find_chains, macs, shrink
@@ -79,6 +82,7 @@ def test_nested_keras_applications_backbone() -> None:
     assert 0.55 < macs(small) / macs(m) < 0.75
 
 
+@pytest.mark.slow
 def test_separable_chains_in_xception() -> None:
     """Keras applications Xception nested in a Functional model: the separable convolutions whose
     output is read only by the next one (never the third of a middle-flow block: it feeds the
@@ -148,6 +152,7 @@ def test_separable_shrink_removes_exactly_the_dead_channels() -> None:
     assert np.abs(worse(x).numpy() - ref).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_refusals() -> None:
     from edgebrain.converters.channel_pruning import shrink
     from edgebrain.errors import ModelError
@@ -206,6 +211,7 @@ def trained_resnet50(data_dir: Path, cache_env: Path, tmp_path_factory: pytest.T
     return out
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_convert_prune_channels_feeds_every_target(trained_resnet50: Path, tmp_path: Path) -> None:
     import onnx
@@ -239,6 +245,7 @@ def test_convert_prune_channels_feeds_every_target(trained_resnet50: Path, tmp_p
     assert (96, 256, 1, 1) in shapes and (128, 256, 1, 1) not in shapes, sorted(shapes)
 
 
+@pytest.mark.slow
 def test_convert_prune_channels_refuses_a_model_without_chains(tiny_model: Path, tmp_path: Path) -> None:
     from edgebrain.convert import convert
     from edgebrain.errors import EdgebrainError

@@ -110,6 +110,7 @@ def test_float_logits_default(data_dir: Path, tmp_path: Path, cache_env: Path) -
     assert m8["ops"]["int8_ops"] - mf["ops"]["int8_ops"] == 2  # QLinearMatMul + QLinearAdd (its bias)
 
 
+@pytest.mark.slow
 def test_an_int8_artifact_with_no_int8_op_is_not_written(tiny_model: Path, data_dir: Path, tmp_path: Path,
                                                         cache_env: Path) -> None:
     """Keeping every node float (here: a --keep-float scope every node name contains) leaves

@@ -68,6 +68,7 @@ def test_prune_nested_backbone_reaches_target_sparsity(small_data: dict[str, Any
     assert rep["pruned_val_accuracy"] is not None
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_prune_2x4_structured(small_data: dict[str, Any]) -> None:
     from edgebrain.converters.pruning import PruneConfig, prune_model
@@ -81,6 +82,7 @@ def test_prune_2x4_structured(small_data: dict[str, Any]) -> None:
     assert rep["achieved_overall"] == pytest.approx(0.5, abs=0.01)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_prune_then_sparsity_preserving_clustering(small_data: dict[str, Any]) -> None:
     from edgebrain.converters.pruning import PruneConfig, _walk, prune_model
@@ -103,6 +105,7 @@ def test_prune_then_sparsity_preserving_clustering(small_data: dict[str, Any]) -
     assert rep["gzip_bytes"] < 0.6 * rep["dense_gzip_bytes"]
 
 
+@pytest.mark.slow
 def test_prune_refuses_bad_settings(small_data: dict[str, Any]) -> None:
     from edgebrain.converters.pruning import PruneConfig, prune_model
     from edgebrain.errors import ModelError

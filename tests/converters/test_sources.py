@@ -96,6 +96,7 @@ def test_keras3_nested_model_without_card(tmp_path: Path, data_dir: Path, cache_
     assert m["verification"]["split"] == "random-pixels" and "weak" in m["verification"]["evidence"]
 
 
+@pytest.mark.slow
 def test_keras3_lambda_refused_unless_unsafe(tmp_path: Path) -> None:
     model = _keras3_nested(tmp_path / "lam.keras", with_lambda=True)
     with pytest.raises(ModelError, match="unsafe"):
@@ -104,6 +105,7 @@ def test_keras3_lambda_refused_unless_unsafe(tmp_path: Path) -> None:
     assert src.format == "keras3"
 
 
+@pytest.mark.slow
 def test_tf_keras_lambda_refused_in_every_format_unless_unsafe(tmp_path: Path) -> None:
     """.keras, .h5 and SavedModel folders: tf-keras's safe_mode covers only the first."""
     from edgebrain.models import load_keras_model
@@ -136,6 +138,7 @@ def test_tf_keras_lambda_refused_in_every_format_unless_unsafe(tmp_path: Path) -
         np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_onnx_nchw_source(tmp_path: Path, data_dir: Path, cache_env: Path) -> None:
     import onnxruntime as ort
 
@@ -173,6 +176,7 @@ def test_onnx_nchw_source(tmp_path: Path, data_dir: Path, cache_env: Path) -> No
             assert art.manifest["ops"]["int8_ops"] > 0
 
 
+@pytest.mark.slow
 def test_source_errors_are_clear(tmp_path: Path, tiny_model: Path) -> None:
     with pytest.raises(ModelError, match="not found"):
         load_source(tmp_path / "missing.keras")

@@ -72,6 +72,7 @@ def test_every_target_option_has_a_flag() -> None:
     assert "--keep-names" in res.output and "--no-equalize" in res.output
 
 
+@pytest.mark.slow
 def test_convert_fp32_and_skip_unsupported(tiny_model: Path, data_dir: Path, tmp_path: Path,
                                            cache_env: Path) -> None:
     out = tmp_path / "arts"
@@ -100,6 +101,7 @@ def test_convert_fp32_and_skip_unsupported(tiny_model: Path, data_dir: Path, tmp
         load_manifest(tampered)
 
 
+@pytest.mark.slow
 def test_verification_failure_moves_artifact_aside(tiny_model: Path, data_dir: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch, cache_env: Path) -> None:
     monkeypatch.setitem(TARGETS, "broken", BrokenTarget())
@@ -117,6 +119,7 @@ def test_verification_failure_moves_artifact_aside(tiny_model: Path, data_dir: P
     load_manifest(out / "onnx-fp32")  # the good target in the same run is still written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
 def test_crash_leaves_no_half_artifact(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                        exc: type[BaseException]) -> None:
@@ -136,6 +139,7 @@ def test_crash_leaves_no_half_artifact(tiny_model: Path, tmp_path: Path, monkeyp
     assert [p.name for p in out.iterdir() if p.name != "convert_summary.json"] == []
 
 
+@pytest.mark.slow
 def test_calibration_overlap_refused_from_cli(tiny_model: Path, data_dir: Path, dataset: D.Dataset,
                                              tmp_path: Path, cache_env: Path) -> None:
     calib = tmp_path / "calib" / "glioma"
@@ -150,6 +154,7 @@ def test_calibration_overlap_refused_from_cli(tiny_model: Path, data_dir: Path, 
     assert not (out / "onnx-int8").exists()
 
 
+@pytest.mark.slow
 def test_clear_errors(tmp_path: Path, tiny_model: Path) -> None:
     res = _invoke(tmp_path / "nope.keras", "--to", "onnx", "--precision", "fp32", "--out", tmp_path / "o")
     assert res.exit_code != 0 and "model not found" in res.output

@@ -16,6 +16,9 @@ import pytest
 
 from edgebrain.artifact import load_manifest
 
+# converts a model to three targets and runs each in subprocesses (make test, not make test-fast)
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 # The TensorFlow-free modules (docs/interfaces.md) plus this issue's: Python 3.9 syntax, no TF import.

@@ -31,6 +31,9 @@ from edgebrain.localize import (
 )
 from edgebrain.predict import Predictor
 
+# builds and converts a lesion detector (make test, not make test-fast)
+pytestmark = pytest.mark.slow
+
 S = 64  # model input size
 R = 5  # lesion radius (model pixels)
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]

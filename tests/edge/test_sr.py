@@ -198,6 +198,7 @@ def test_train_cli_help_lists_sr_and_fusion() -> None:
         assert opt in r.output
 
 
+@pytest.mark.train
 def test_train_sr_cli(data_dir: Path, cache_env: Path, tmp_path: Path) -> None:
     from edgebrain.cli import cli
 

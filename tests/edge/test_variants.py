@@ -37,6 +37,7 @@ EXPECTED_HEADS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(EXPECTED_HEADS))
 def test_small_variants_build_with_their_heads(variant: str) -> None:
     m = build_model(variant, 64, width=0.25)
@@ -50,18 +51,21 @@ def test_small_variants_build_with_their_heads(variant: str) -> None:
     assert _layer(m, "predictions").activation.__name__ == "softmax"
 
 
+@pytest.mark.slow
 def test_ft_variants_have_l2() -> None:
     m = build_model("resnet50-ft", 64, width=0.25)
     assert _layer(m, "predictions").kernel_regularizer is not None
     assert _layer(m, "head_dense").kernel_regularizer is not None
 
 
+@pytest.mark.slow
 def test_full_size_parameter_counts_match_the_paper() -> None:
     # Figure 4: total 23,850,500; figure 7: total 23,039,124.
     assert count_params(build_model("resnet50", 224))["total"] == 23_850_500
     assert count_params(build_model("xception", 299))["total"] == 23_039_124
 
 
+@pytest.mark.slow
 def test_sr_resnet50_takes_half_size_input() -> None:
     m = build_model("sr-resnet50", 64, width=0.25)
     assert m.input_shape == (None, 32, 32, 3)
@@ -88,6 +92,7 @@ def test_imagenet_offline_fails_fast_with_a_clear_message(tmp_path, monkeypatch)
     assert time.monotonic() - t0 < 30
 
 
+@pytest.mark.slow
 def test_weights_path_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import numpy as np
 
