@@ -336,7 +336,14 @@ class OpenVINOTarget(Target):
         method, warn = resolve_method("nncf", ctx.calib_method)
         warnings = [warn] if warn else []
         cs = ctx.calib()
-        calib_ds = nncf.Dataset(cs.batches(1))
+        beat = Heartbeat(f"openvino int8: NNCF statistics and bias correction ({len(cs)} calibration images; "
+                         "images fed so far)", at_once=False)
+
+        def feed(x: Any) -> Any:
+            beat.tick()
+            return x
+
+        calib_ds = nncf.Dataset(cs.batches(1), feed)
         max_drop = o.get("max_drop")
         fbc = bool(o.get("nncf_fast_bias_correction", False))
         act_range = str(o.get("nncf_activation_range", "minmax")).lower()

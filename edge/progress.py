@@ -24,6 +24,9 @@ def track(items: Iterable[T], description: str = "working", total: int | None = 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = Console(file=sys.stderr)
+    if not console.is_terminal:  # a CI log: a plain line every 30 s instead of a live bar
+        yield from _beating(items, description, total)
+        return
     if total is None:
         try:
             total = len(items)  # type: ignore[arg-type]
@@ -77,13 +80,14 @@ class Heartbeat:
     """'still working' lines on stderr for a step with no natural progress bar: the first unit done,
     then at most one line every ``every`` seconds, with the count of units done and the time spent (quiet with EDGEBRAIN_QUIET=1)."""
 
-    def __init__(self, step: str, every: float = 30.0, total: int | None = None) -> None:
+    def __init__(self, step: str, every: float = 30.0, total: int | None = None, at_once: bool = True) -> None:
         import time
 
         self.step, self.every, self.total = step, every, total
         self.done = 0
         self._t0 = time.monotonic()
-        self._last = float("-inf")  # the first unit is reported at once
+        # the first unit is reported at once, unless only steps that last are to be reported
+        self._last = float("-inf") if at_once else self._t0
 
     def tick(self, n: int = 1) -> None:
         import time
@@ -94,3 +98,15 @@ class Heartbeat:
             self._last = now
             of = f"/{self.total}" if self.total else ""
             print(f"{self.step}: {self.done}{of} done, {now - self._t0:.0f} s", file=sys.stderr, flush=True)
+
+
+def _beating(items: Iterable[T], description: str, total: int | None) -> Iterator[T]:
+    if total is None:
+        try:
+            total = len(items)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    beat = Heartbeat(description, total=total, at_once=False)
+    for it in items:
+        yield it
+        beat.tick()
