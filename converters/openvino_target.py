@@ -35,7 +35,6 @@ from .base import (
     Built,
     ConversionError,
     Target,
-    activation_bytes,
     equalize_wanted,
     equalized_source,
     inference_batch,
@@ -371,7 +370,6 @@ class OpenVINOTarget(Target):
                                  "activations": "8-bit per-tensor, " + (
                                      "symmetric (unsigned where the input is non-negative)"
                                      if preset_name == "performance" else "asymmetric")}
-        _check_nncf_memory(ctx, len(cs), fbc)
         try:
             if max_drop is None:
                 qm = nncf.quantize(model, calib_ds, preset=presets[preset_name], subset_size=len(cs),
@@ -404,21 +402,6 @@ class OpenVINOTarget(Target):
         except Exception as exc:
             raise ConversionError(f"{ctx.source.path}: NNCF quantisation failed ({type(exc).__name__}: {exc})") from exc
         return qm, quant, {**cs.manifest(method, "nncf"), "preset": preset_name}, warnings
-
-
-def _check_nncf_memory(ctx: BuildContext, subset: int, fast_bias_correction: bool) -> None:
-    """NNCF's exact bias correction keeps the float inputs of every biased layer for a fifth of the
-    calibration images (NNCF's pipeline); those inputs are about half of the model's activations.
-    Refuse with a message before starting when that cannot fit (fast bias correction keeps
-    per-channel means only)."""
-    from edgebrain.memory import require
-
-    if fast_bias_correction:
-        return
-    per = activation_bytes(ctx.source)
-    samples = max(int(subset * 0.2), 1)
-    require(f"openvino int8 (NNCF bias correction on {samples} images)", per // 2 * samples,
-            hint="--nncf-fast-bias-correction keeps per-channel means only; or a smaller --calib-size")
 
 
 def _budgeted_validation(deadline: Deadline | None, n: int) -> Callable[[Any, Any], tuple[float, list[float]]]:

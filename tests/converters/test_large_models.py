@@ -234,14 +234,3 @@ def test_inference_batches_follow_the_activation_size(tiny_src: Path, tmp_path: 
     monkeypatch.setenv("EDGEBRAIN_STEP_MEMORY_MB", "0.001")
     assert inference_batch(src) == 1
 
-
-def test_nncf_bias_correction_that_cannot_fit_is_refused(tiny_src: Path, tmp_path: Path, cache_env: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from edgebrain import memory
-    from edgebrain.convert import ConvertFailed, convert
-
-    monkeypatch.setattr(memory, "available_bytes", lambda: 1_000)
-    with pytest.raises(ConvertFailed) as ei:
-        convert(tiny_src, "openvino", "int8", tmp_path / "o", **COMMON)
-    err = ei.value.summary["failed"][0]["error"]
-    assert "NNCF bias correction on 4 images" in err and "--nncf-fast-bias-correction" in err
