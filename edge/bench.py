@@ -276,6 +276,21 @@ def resolve_item(path: str | Path, preprocess: str | None = None, classes: Seque
     raise BenchError(f"{p}: not an artifact folder (no {MANIFEST}), nor a .tflite/.onnx/.xml/.keras/.h5 file")
 
 
+def check_signed(items: Sequence[Item], public_key: str | Path | None) -> None:
+    """With ``public_key`` (``--verify-with``): every benchmarked item must be an artifact folder whose
+    manifest carries a valid Ed25519 signature by that key (raw model files and Keras models cannot be)."""
+    if public_key is None:
+        return
+    from .signing import load_public_key
+
+    key = load_public_key(public_key)
+    for it in items:
+        if it.artifact is None or it.raw_manifest is not None:
+            raise BenchError(f"{it.path}: --verify-with accepts only signed artifact folders, not a raw or Keras "
+                             "model file")
+        load_manifest(it.artifact.path, public_key=key)
+
+
 def resolve_reference(items: Sequence[Item], reference: str | Path | None,
                       preprocess: str | None, classes: Sequence[str] | None,
                       input_size: int | None, warnings: list[str]) -> Item:
@@ -773,6 +788,7 @@ def bench(
     log: Callable[[str], None] | None = None,
     ct_dir: str | Path | None = None,
     ct_csv: str | Path | None = None,
+    verify_with: str | Path | None = None,
 ) -> dict[str, Any]:
     """Benchmark artifacts on one or more devices against the FP32 reference; write results to ``out``.
 
@@ -810,6 +826,7 @@ def bench(
     ds, samples, dedup, data_info = select_samples(data_dir, split, eval_list, per_class, opts.seed)
     warnings: list[str] = []
     items = [resolve_item(a, preprocess, classes, input_size, precision) for a in artifacts]
+    check_signed(items, verify_with)
     fusion = _fusion_of_items(items, ct_dir, ct_csv)
     for it in items:
         _class_perm(it, ds.class_names)

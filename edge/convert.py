@@ -545,6 +545,8 @@ def convert(
     threads: int | None = None,
     command: str | None = None,
     time_budget: float | None = None,
+    sign: str | Path | None = None,
+    resume: bool = False,
     **options: Any,
 ) -> list[Artifact]:
     """Convert ``model`` to every (target, precision) and verify each artifact.
@@ -564,6 +566,11 @@ def convert(
     control stop when it is spent, keeping the best build verified so far; targets not started by
     then are listed as failed. Peak memory (RSS) per artifact and for the run is recorded in each
     manifest and in ``convert_summary.json`` (``memory``).
+
+    ``sign``: an Ed25519 private key (PEM) that signs every manifest. One convert at a time writes
+    into ``out`` (a lock file); work folders a killed run left there are removed. ``resume`` keeps
+    the artifacts of an interrupted run that still verify (same source, target and precision) and
+    converts only the rest.
     """
     from edgebrain.converters.base import CALIBRATED, PRECISIONS, ConversionError
     from edgebrain.converters.registry import get_target
@@ -615,21 +622,114 @@ def convert(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    signing_key = _signing_key(sign)
+    with _out_lock(out):
+        _remove_stale_work(out)
+        return _convert_in(out, model, tgts, p_names, calib=calib, calib_size=calib_size, calib_seed=calib_seed,
+                           calib_method=calib_method, prune=prune, prune_epochs=prune_epochs, prune_2x4=prune_2x4,
+                           prune_lr=prune_lr, prune_min_params=prune_min_params, prune_per_class=prune_per_class,
+                           prune_cluster=prune_cluster, cluster_epochs=cluster_epochs,
+                           prune_channels=prune_channels, channel_epochs=channel_epochs, channel_lr=channel_lr,
+                           int8_fallback_below=int8_fallback_below, int8_search=int8_search, preprocess=preprocess,
+                           classes=class_list, keep_float=keep_float, data=data, ct_dir=ct_dir, ct_csv=ct_csv,
+                           verify_n=verify_n, min_agreement=min_agreement, no_verify=no_verify,
+                           allow_overlap=allow_overlap, unsafe=unsafe, overwrite=overwrite, threads=threads,
+                           command=command, opts=opts, given=frozenset(k for k, v in options.items() if v is not None),
+                           calibrated=CALIBRATED, signing_key=signing_key, resume=resume,
+                           time_budget=time_budget)
+
+
+def _convert_in(out: Path, model: str | Path, tgts: list[Target], p_names: list[str], **kw: Any) -> list[Artifact]:
+    """_convert in a fresh work folder under ``out`` (removed afterwards), with ``out`` locked."""
     work = Path(tempfile.mkdtemp(prefix=".convert-work-", dir=out))
     try:
-        return _convert(model, tgts, p_names, out, work, calib=calib, calib_size=calib_size, calib_seed=calib_seed,
-                        calib_method=calib_method, prune=prune, prune_epochs=prune_epochs, prune_2x4=prune_2x4,
-                        prune_lr=prune_lr, prune_min_params=prune_min_params, prune_per_class=prune_per_class,
-                        prune_cluster=prune_cluster, cluster_epochs=cluster_epochs,
-                        prune_channels=prune_channels, channel_epochs=channel_epochs, channel_lr=channel_lr,
-                        int8_fallback_below=int8_fallback_below, int8_search=int8_search, preprocess=preprocess, classes=class_list, keep_float=keep_float, data=data,
-                        ct_dir=ct_dir, ct_csv=ct_csv, verify_n=verify_n,
-                        min_agreement=min_agreement, no_verify=no_verify, allow_overlap=allow_overlap,
-                        unsafe=unsafe, overwrite=overwrite, threads=threads, command=command, opts=opts,
-                        time_budget=time_budget, given=frozenset(k for k, v in options.items() if v is not None),
-                        calibrated=CALIBRATED)
+        return _convert(model, tgts, p_names, out, work, **kw)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _signing_key(sign: str | Path | None) -> Any:
+    """The private key for ``--sign``, loaded before any work (a bad key fails fast)."""
+    if sign is None:
+        return None
+    from .signing import load_private_key
+
+    return load_private_key(sign)
+
+
+LOCK_FILE = ".edgebrain-convert.lock"
+
+
+def _out_lock(out: Path) -> Any:
+    """An exclusive lock on ``out`` (``filelock``): a second convert into the same folder is refused
+    at once instead of racing the first (last writer wins)."""
+    import contextlib
+
+    from filelock import FileLock, Timeout
+
+    from edgebrain.converters.base import ConversionError
+
+    lock = FileLock(str(out / LOCK_FILE), timeout=0)
+
+    @contextlib.contextmanager
+    def held() -> Any:
+        try:
+            lock.acquire()
+        except Timeout:
+            raise ConversionError(f"another edgebrain convert is writing into {out} (lock {out / LOCK_FILE}); "
+                                  "wait for it to finish or choose another --out") from None
+        try:
+            yield
+        finally:
+            lock.release()
+    return held()
+
+
+def _remove_stale_work(out: Path) -> None:
+    """Work and half-written folders a killed convert left in ``out`` (only called with the lock held,
+    so no other convert is using them)."""
+    for pat in (".convert-work-*", ".*.partial-*", ".*.old-*"):
+        for p in out.glob(pat):
+            if p.is_dir() and not p.is_symlink():
+                _say(f"removing {p} (left by an interrupted convert)")
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _kept_jobs(jobs: Sequence[Any], out: Path, overwrite: bool, resume: bool, original: dict[str, Any],
+               signing_key: Any) -> dict[str, Artifact]:
+    """Refuse existing output folders (unless ``overwrite``); with ``resume``, the verified ones kept."""
+    from edgebrain.converters.base import ConversionError
+
+    kept: dict[str, Artifact] = {}
+    for j in jobs:
+        folder = out / j.dirname
+        if not folder.exists() or overwrite:
+            continue
+        if not resume:
+            raise ConversionError(f"{folder} already exists (use --overwrite to replace it, or --resume to keep "
+                                  "what an interrupted run finished)")
+        kept[j.dirname] = _resumable(folder, j.target.name, j.precision, original.get("sha256"), signing_key)
+        _say(f"--resume: keeping {folder} (verified)")
+    return kept
+
+
+def _resumable(folder: Path, target: str, precision: str, source_sha: str | None, signing_key: Any) -> Artifact:
+    """An artifact an interrupted run finished, kept by ``--resume`` only when it still verifies
+    (digest, file hashes, verification passed) and was made from the same source for the same
+    target and precision (and, with ``--sign``, is signed by that key)."""
+    from edgebrain.converters.base import ConversionError
+
+    try:
+        art = load_manifest(folder, public_key=signing_key.public_key() if signing_key is not None else None)
+    except EdgebrainError as exc:
+        raise ConversionError(f"--resume: {folder} exists but cannot be kept ({exc}); remove it or use "
+                              "--overwrite") from exc
+    m = art.manifest
+    got = (m.get("target"), m.get("precision"), (m.get("source") or {}).get("sha256"))
+    if got != (target, precision, source_sha):
+        raise ConversionError(f"--resume: {folder} was made from another source or for another target/precision "
+                              f"({got[0]} {got[1]}, source {str(got[2])[:12]}…); remove it or use --overwrite")
+    return art
 
 
 def target_options() -> dict[str, dict[str, Any]]:
@@ -656,7 +756,7 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
              min_agreement: float, no_verify: bool, allow_overlap: bool, unsafe: bool, overwrite: bool,
              threads: int | None, command: str,
              opts: dict[str, Any], calibrated: frozenset[str], given: frozenset[str],
-             time_budget: float | None = None) -> list[Artifact]:
+             time_budget: float | None = None, signing_key: Any = None, resume: bool = False) -> list[Artifact]:
     from edgebrain.converters.base import BuildContext, ConversionError, file_sizes
     from edgebrain.converters.source import load_source
 
@@ -689,13 +789,12 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
     if not jobs:
         raise ConversionError("nothing to convert: " + "; ".join(f"{s['target']} {s['precision']}: {s['reason']}"
                                                                  for s in skipped))
-    for j in jobs:
-        if (out / j.dirname).exists() and not overwrite:
-            raise ConversionError(f"{out / j.dirname} already exists (use --overwrite to replace it)")
+    kept = _kept_jobs(jobs, out, overwrite, resume, original, signing_key)
+    jobs = [j for j in jobs if j.dirname not in kept]
     pruned_dirs = ([f"pruned-{ch_tag}"] if prune_channels is not None else []) + (
         [_pruned_name(prune, prune_2x4, prune_cluster, ch_tag)] if prune is not None else [])
     for d in pruned_dirs:
-        if (out / d).exists() and not overwrite:
+        if (out / d).exists() and not overwrite and not resume:
             raise ConversionError(f"{out / d} already exists (use --overwrite to replace it)")
 
     # ---- calibration (built once, before any conversion: refusals fail fast)
@@ -754,6 +853,10 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
     rejected: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
     records: list[dict[str, Any]] = []
+    for name, art in kept.items():
+        artifacts.append(art)
+        records.append({"name": name, "path": str(art.path), "target": art.target, "precision": art.precision,
+                        "status": "kept", "verification": art.manifest.get("verification")})
     for j in jobs:
         if deadline.expired():
             failed.append(_not_started(j, deadline))
@@ -872,15 +975,18 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
         ok = verification is None or bool(verification.get("passed"))
         final = out / j.dirname
         dest = final if ok else out / f"{j.dirname}.rejected"
-        with atomic_dir(dest, overwrite=True) as tmp:
-            for f in [*built.files, *stage_files]:
-                (tmp / f).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(build / f, tmp / f)
-            if built.calibration is not None and cal is not None:
-                (tmp / CALIB_LIST).write_text(cal.list_text())
-            written = write_manifest(tmp, manifest)
-            if written["artifact_sha256"] != built_hash:
-                raise ConversionError(f"{dest}: the copied model file differs from the verified one")
+        try:
+            with atomic_dir(dest, overwrite=overwrite or not ok) as tmp:  # exists? checked again at the rename
+                for f in [*built.files, *stage_files]:
+                    (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(build / f, tmp / f)
+                if built.calibration is not None and cal is not None:
+                    (tmp / CALIB_LIST).write_text(cal.list_text())
+                written = write_manifest(tmp, manifest, signing_key)
+                if written["artifact_sha256"] != built_hash:
+                    raise ConversionError(f"{dest}: the copied model file differs from the verified one")
+        except FileExistsError as exc:  # appeared while this run converted: never replaced silently
+            raise ConversionError(str(exc)) from exc
         shutil.rmtree(build, ignore_errors=True)
         rec = {"name": j.dirname, "path": str(dest), "target": j.target.name, "precision": j.precision,
                **manifest["size"], "verification": manifest["verification"], "ops": built.ops,

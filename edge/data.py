@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -101,13 +102,21 @@ def scan(root: str | Path, verify_hashes: bool = False) -> Dataset:
     known = _read_manifest(root)
     samples: list[Sample] = []
     problems: list[tuple[str, str]] = []
+    for split in splits:  # what lies beside the class folders is not silently ignored either
+        for f in _entries(root / split, problems):
+            if not f.name.startswith(".") and not f.is_dir():
+                problems.append((str(f), entry_problem(f) or "a file outside any class folder"))
     for split in splits:
         for ci, cname in enumerate(classes):
             cdir = root / split / cname
             if not cdir.is_dir():
                 continue
-            for f in sorted(cdir.iterdir()):
-                if f.name.startswith(".") or not f.is_file():
+            for f in _entries(cdir, problems):
+                if f.name.startswith("."):
+                    continue
+                why = entry_problem(f)
+                if why:
+                    problems.append((str(f), why))
                     continue
                 if f.suffix.lower() not in IMAGE_SUFFIXES:
                     problems.append((str(f), f"unsupported file type {f.suffix or '(none)'}"))
@@ -125,6 +134,33 @@ def scan(root: str | Path, verify_hashes: bool = False) -> Dataset:
                     continue
                 samples.append(Sample(f, ci, cname, split, h))
     return Dataset(root, classes, samples, problems)
+
+
+def _entries(folder: Path, problems: list[tuple[str, str]]) -> list[Path]:
+    """A folder's entries, sorted; an unreadable folder is a problem, listed, not a crash."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        problems.append((str(folder), f"cannot list this folder ({exc.strerror or exc})"))
+        return []
+
+
+def entry_problem(f: Path) -> str | None:
+    """Why a dataset entry is not a readable image file (dangling link, link loop, folder, socket ...)."""
+    if f.is_symlink():
+        try:
+            f.resolve(strict=True)
+        except RuntimeError:
+            return "symbolic link loop"
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return "symbolic link loop"
+            return "dangling symbolic link (its target does not exist)"
+    if f.is_dir():
+        return "a folder where an image file was expected"
+    if not f.is_file():
+        return "not a regular file (socket, FIFO or device)"
+    return None
 
 
 def stratified_split(
@@ -230,10 +266,13 @@ def check(root: str | Path, verify_hashes: bool = True, decode: bool = True,
             it = progress(ds.samples, len(ds.samples))
         for s in it:
             try:
-                load_rgb(s.path)
+                rgb = load_rgb(s.path)
             except ImageLoadError as exc:
                 problems.append((str(s.path), exc.reason))
                 bad.add(s.rel)
+                continue
+            if rgb.size and int(rgb.min()) == int(rgb.max()):
+                problems.append((str(s.path), f"decodes to a constant image (every pixel {int(rgb.min())})"))
     counts: dict[str, dict[str, int]] = {}
     for sp in SPLIT_DIRS:
         c = Counter(s.class_name for s in ds.split(sp))

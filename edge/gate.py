@@ -37,6 +37,7 @@ TensorFlow-free.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -410,6 +411,80 @@ def _same_images(rec: dict[str, Any], ref: dict[str, Any], n: int | None, what: 
                             + ", ".join(f"{k} n={v}" for k, v in known.items()) + "): not a paired comparison")
 
 
+def _check_unreadable(data: dict[str, Any], max_unreadable: int) -> Check:
+    """Fail closed on missing evaluation data: every image bench could not score (``data.failed``)
+    counts, and more than ``max_unreadable`` of them fails the gate (exit 1)."""
+    failed = data.get("failed")
+    if not isinstance(failed, list):
+        return Check("unreadable", ERROR, "the results do not list the images that could not be scored "
+                                          "(data.failed): cannot tell whether the evaluation set is complete")
+    k = len(failed)
+    n = data.get("n") if _finite(data.get("n")) else 0
+    files = [str(f.get("file") if isinstance(f, dict) else f) for f in failed[:3]]
+    msg = (f"{k} of {int(n) + k} evaluation image(s) could not be scored"
+           + (f" ({100 * k / (n + k):.1f} %), e.g. {', '.join(files)}" if k else "")
+           + f"; allowed: {max_unreadable} (--max-unreadable)")
+    return Check("unreadable", FAIL if k > max_unreadable else PASS, msg, float(k), float(max_unreadable),
+                 {"failed": failed[:50]})
+
+
+def consistency_problems(rec: dict[str, Any], classes: list[str], n: Any, what: str,
+                         raise_first: bool = False) -> list[str]:
+    """Where a record's accuracy, per-class recall/support and confusion matrix contradict each other.
+
+    Rules: the matrix is K x K non-negative integers (K classes, rows = true class), its total is
+    the record's ``n`` and the run's ``data.n``, each row sums to that class's support, each
+    recall equals its row's diagonal share to within half an image (rounding), and accuracy equals
+    the support-weighted mean of the recalls (1e-6)."""
+    probs: list[str] = []
+    cm = rec.get("confusion_matrix")
+    k = len(classes)
+    ok_cm = (isinstance(cm, list) and len(cm) == k and k > 0 and all(
+        isinstance(row, list) and len(row) == k
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in row) for row in cm))
+    if not ok_cm:
+        probs.append(f"{what}: confusion_matrix is missing or not a {k}x{k} matrix of counts")
+    else:
+        total = sum(map(sum, cm))
+        for label, want in (("n", rec.get("n")), ("data.n", n)):
+            if _finite(want) and int(want) != total:
+                probs.append(f"{what}: the confusion matrix counts {total} images but {label} is {want}")
+    per = rec.get("per_class") if isinstance(rec.get("per_class"), dict) else {}
+    wsum, sup_total = 0.0, 0
+    for i, c in enumerate(classes):
+        pc = per.get(c) if isinstance(per.get(c), dict) else {}
+        r, sup = pc.get("recall"), pc.get("support")
+        if not _finite(r) or not _finite(sup) or sup < 0:
+            probs.append(f"{what}: per_class.{c} lacks a finite recall and support")
+            continue
+        wsum += float(r) * float(sup)
+        sup_total += int(sup)
+        if ok_cm:
+            row = sum(cm[i])
+            if row != int(sup):
+                probs.append(f"{what}: {c}: the confusion matrix row holds {row} images, support says {sup}")
+            elif row and abs(float(r) * row - cm[i][i]) > 0.5:
+                probs.append(f"{what}: {c}: recall {float(r):.4f} but the confusion matrix says "
+                             f"{cm[i][i]}/{row} = {cm[i][i] / row:.4f}")
+    acc = rec.get("accuracy")
+    if sup_total and _finite(acc) and abs(float(acc) - wsum / sup_total) > 1e-6:
+        probs.append(f"{what}: accuracy {float(acc):.6f} contradicts its per-class recalls (support-weighted "
+                     f"mean {wsum / sup_total:.6f})")
+    if probs and raise_first:
+        raise MissingMetric(probs[0] + (f" (+{len(probs) - 1} more)" if len(probs) > 1 else ""))
+    return probs
+
+
+def _check_consistency(rec: dict[str, Any], classes: list[str], n: Any, what: str) -> Check:
+    if not classes:
+        return Check("consistency", ERROR, "cannot check: no class names")
+    probs = consistency_problems(rec, classes, n, what)
+    if probs:
+        return Check("consistency", ERROR, "the record contradicts itself, not trusted: " + "; ".join(probs[:4])
+                     + (f" (+{len(probs) - 4} more)" if len(probs) > 4 else ""), details={"problems": probs})
+    return Check("consistency", PASS, "accuracy, per-class recall and the confusion matrix agree")
+
+
 def _check_accuracy(rec: dict[str, Any], ref: dict[str, Any], n: int | None, what: str, th: Thresholds) -> Check:
     _same_images(rec, ref, n, what)
     acc = _num(rec, "accuracy", what, 0.0, 1.0)
@@ -724,7 +799,7 @@ def gate(results_json: str | Path, baseline: str | Path | None = None, max_drop:
          max_class_drop: float = 1.0, min_agreement: float = 0.99, max_latency_ratio: float = 1.5,
          non_inferiority: str = "off", ni_margin: float = 2.0, alpha: float = 0.05,
          min_accuracy: float | None = None, artifact_check: bool = True, artifact_root: str | Path | None = None,
-         update_baseline: bool = False, class_rule: str = "exact",
+         update_baseline: bool = False, max_unreadable: int = 0, class_rule: str = "exact",
          convert_summary: str | Path | list[str | Path] | None = None) -> GateReport:
     """Check every artifact x device in a bench ``results.json``; see the module docstring.
 
@@ -735,6 +810,8 @@ def gate(results_json: str | Path, baseline: str | Path | None = None, max_drop:
     th = Thresholds(max_drop, max_class_drop, min_agreement, max_latency_ratio, non_inferiority, ni_margin, alpha,
                     min_accuracy, class_rule)
     th.validate()
+    if not isinstance(max_unreadable, int) or max_unreadable < 0:
+        raise GateError(f"--max-unreadable must be a whole number >= 0, got {max_unreadable!r}")
     if update_baseline and baseline is None:
         raise GateError("--update-baseline needs --baseline FILE (where to write it)")
     rpath = Path(results_json)
@@ -769,6 +846,7 @@ def gate(results_json: str | Path, baseline: str | Path | None = None, max_drop:
             _num(ref, "accuracy", "reference", 0.0, 1.0)
             if classes:
                 _recalls(ref, classes, "reference")
+            consistency_problems(ref, classes, n, "reference", raise_first=True)
         except MissingMetric as exc:
             report.errors.append(str(exc))
     recs = results.get("results")
@@ -810,6 +888,7 @@ def gate(results_json: str | Path, baseline: str | Path | None = None, max_drop:
         s.metrics = {k: rec.get(k) for k in ("accuracy", "accuracy_ci95", "macro_f1", "agreement")}
         s.metrics["latency_p50_ms"] = (rec.get("latency_ms") or {}).get("p50") if isinstance(rec.get("latency_ms"), dict) else None
         s.checks.append(_integrity(rec, what, rpath.parent, root, artifact_check, src_sha))
+        s.checks += [_check_unreadable(data, max_unreadable), _check_consistency(rec, classes, n, what)]
         if not ref or not classes:
             msg = "cannot compare: " + ("no reference record" if not ref else "no class names")
             s.checks += [Check(c, ERROR, msg) for c in ("accuracy", "class_recall", "agreement", "min_accuracy",
@@ -859,6 +938,27 @@ def gate(results_json: str | Path, baseline: str | Path | None = None, max_drop:
         else:
             report.notes.append(f"baseline NOT written to {baseline}: the gate did not pass")
     return report
+
+
+_gate_checks = gate
+
+
+@functools.wraps(_gate_checks)
+def gate(results_json: str | Path, *args: Any, **kwargs: Any) -> GateReport:
+    # Fail closed on results whose shape no check anticipated (a number where a list belongs ...):
+    # an error naming the file (exit 2), never a traceback. Usage errors (GateError) still raise.
+    try:
+        return _gate_checks(results_json, *args, **kwargs)
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError) as exc:
+        if isinstance(exc, EdgebrainError):
+            raise
+        rpath = Path(results_json)
+        rpath = rpath / "results.json" if rpath.is_dir() else rpath
+        fields = Thresholds.__dataclass_fields__
+        th = Thresholds(**{k: v for k, v in kwargs.items() if k in fields})
+        report = GateReport(str(rpath), th, baseline_path=str(kwargs["baseline"]) if kwargs.get("baseline") else None)
+        report.errors.append(f"{rpath}: malformed results, not trusted ({type(exc).__name__}: {str(exc)[:200]})")
+        return report
 
 
 def _summary_paths(recs: list[Any], results_dir: Path, artifact_root: Path | None,

@@ -46,6 +46,12 @@ def _to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def _short(exc: BaseException, limit: int = 200) -> str:
+    """``Type: message`` cut to ``limit`` characters (some decoders put whole buffers in messages)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def _first(v: Any) -> float:
     """DICOM window values may be multi-valued: take the first."""
     if not isinstance(v, (str, bytes)) and hasattr(v, "__iter__"):
@@ -62,7 +68,7 @@ def _load_dicom(path: Path) -> np.ndarray:
         ds = pydicom.dcmread(str(path))
         arr = ds.pixel_array
     except Exception as exc:
-        raise ImageLoadError(path, f"unreadable DICOM ({type(exc).__name__}: {exc})") from exc
+        raise ImageLoadError(path, f"unreadable DICOM ({_short(exc)})") from exc
     spp = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if frames > 1 and arr.ndim == (4 if spp > 1 else 3):
@@ -78,23 +84,71 @@ def _load_dicom(path: Path) -> np.ndarray:
         return rgb if rgb.dtype == np.uint8 else _to_uint8(rgb)
     if arr.ndim != 2:
         raise ImageLoadError(path, f"unsupported DICOM pixel data shape {arr.shape}")
-    arr = arr.astype(np.float32)
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-    arr = arr * slope + intercept
-    lo = hi = None
-    wc, ww = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
-    if wc is not None and ww is not None:
-        wc, ww = _first(wc), _first(ww)
-        if ww > 0:
-            lo, hi = wc - ww / 2.0, wc + ww / 2.0
-    try:
-        out = _to_uint8(arr, lo, hi)
-    except ValueError as exc:
-        raise ImageLoadError(path, str(exc)) from exc
+    out = _dicom_grey_to_uint8(path, ds, arr)
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         out = 255 - out
+    if out.size and int(out.min()) == int(out.max()):
+        raise ImageLoadError(path, f"decodes to a constant image (every pixel {int(out[0, 0])} after the "
+                                   "modality and VOI transforms): nothing to classify")
     return np.stack([out] * 3, axis=-1)
+
+
+def _window_problem(ds: Any) -> str | None:
+    """Why the first WindowCenter/WindowWidth pair cannot be used (non-finite, width < 1), or None."""
+    try:
+        wc, ww = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    except (TypeError, ValueError, StopIteration) as exc:
+        return f"unreadable VOI window ({exc})"
+    if not (np.isfinite(wc) and np.isfinite(ww)):
+        return f"non-finite VOI window (WindowCenter={wc}, WindowWidth={ww})"
+    if ww < 1:
+        return f"degenerate VOI window (WindowWidth={ww} < 1)"
+    return None
+
+
+def _dicom_grey_to_uint8(path: Path, ds: Any, arr: np.ndarray) -> np.ndarray:
+    """Greyscale pixel data -> uint8 with pydicom's own modality LUT / rescale and VOI LUT / window
+    (LINEAR, LINEAR_EXACT, SIGMOID): the VOI output range maps to 0..255; without a VOI transform
+    the finite pixel range does. Non-finite or degenerate windows are refused by name."""
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+
+    try:
+        with np.errstate(all="ignore"):
+            mod = np.asarray(apply_modality_lut(arr, ds), np.float64)
+    except Exception as exc:  # noqa: BLE001 - any malformed modality LUT is this file's problem
+        raise ImageLoadError(path, f"invalid modality LUT / rescale ({_short(exc)})") from exc
+    if not np.all(np.isfinite(mod)):
+        raise ImageLoadError(path, "non-finite pixel values after the modality rescale (RescaleSlope="
+                                   f"{getattr(ds, 'RescaleSlope', None)}, RescaleIntercept="
+                                   f"{getattr(ds, 'RescaleIntercept', None)})")
+    has_lut = bool(ds.get("VOILUTSequence"))
+    has_window = "WindowCenter" in ds or "WindowWidth" in ds
+    if not has_lut and not has_window:
+        return _to_uint8(mod)
+    if not has_lut:
+        why = _window_problem(ds) if ("WindowCenter" in ds and "WindowWidth" in ds) else \
+            "incomplete VOI window (WindowCenter and WindowWidth must both be present)"
+        if why:
+            raise ImageLoadError(path, why)
+    try:
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if has_lut:  # a LUT is indexed by (integer) modality values; its range is its own entries'
+                out = np.asarray(apply_voi_lut(np.rint(mod).astype(np.int64), ds), np.float64)
+                n, first = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor[:2])
+                ends = np.asarray(apply_voi_lut(np.arange(first, first + (n or 65536)), ds), np.float64)
+            else:  # the window's output range: what the extremes map to
+                out = np.asarray(apply_voi_lut(mod, ds), np.float64)
+                ends = np.asarray(apply_voi_lut(np.array([-1e300, 1e300]), ds), np.float64)
+            lo, hi = float(ends.min()), float(ends.max())
+    except Exception as exc:  # noqa: BLE001 - a malformed VOI LUT / window is this file's problem
+        raise ImageLoadError(path, f"invalid VOI LUT / window ({_short(exc)})") from exc
+    if not (np.all(np.isfinite(out)) and np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+        raise ImageLoadError(path, f"the VOI transform gives no usable range ({lo} .. {hi})")
+    return _to_uint8(out, lo, hi)
 
 
 def load_rgb(path: PathLike) -> np.ndarray:

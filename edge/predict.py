@@ -164,15 +164,19 @@ class Predictor:
     """Load an artifact once, classify many images.
 
     ``artifact``: an artifact folder (or its manifest.json / model file), or an
-    :class:`~edgebrain.artifact.Artifact`. ``threads`` goes to the interpreter
+    :class:`~edgebrain.artifact.Artifact`. ``verify_with``: an Ed25519 public key (or its PEM
+    file): the artifact must be signed by it. ``threads`` goes to the interpreter
     (default: all cores). ``warmup`` runs one inference at load so that the first image's
     latency is not the interpreter's allocation time.
     """
 
     def __init__(self, artifact: str | Path | Artifact, threads: int | None = None, top_k: int = 3,
-                 verify: bool = True, warmup: bool = True, **runner_options: Any) -> None:
+                 verify: bool = True, warmup: bool = True, verify_with: Any = None, **runner_options: Any) -> None:
         t0 = time.perf_counter()
-        self.artifact = artifact if isinstance(artifact, Artifact) else load_manifest(artifact, verify=verify)
+        if isinstance(artifact, Artifact) and verify_with is not None:
+            artifact = artifact.path  # re-read: the signature covers the manifest as stored
+        self.artifact = (artifact if isinstance(artifact, Artifact)
+                         else load_manifest(artifact, verify=verify, public_key=verify_with))
         self.spec = self.artifact.preprocess
         shape = self.artifact.manifest.get("input_shape") or [self.spec.height, self.spec.width,
                                                                self.spec.channels]

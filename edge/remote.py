@@ -43,7 +43,7 @@ from .runtime import bound_call
 T = TypeVar("T")
 
 #: The TensorFlow-free modules a device needs (shipped as edgebrain/<name>.py in a zip).
-REMOTE_MODULES = ("__init__", "preprocess", "imageio", "io", "errors", "artifact", "runtime", "progress",
+REMOTE_MODULES = ("__init__", "preprocess", "imageio", "io", "errors", "artifact", "signing", "runtime", "progress",
                   "doctor", "remote")
 RESULT_VERSION = 1
 

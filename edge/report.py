@@ -339,9 +339,10 @@ def plot_latency_bars(doc: dict[str, Any]) -> str:
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif;margin:24px;color:#1b1b1b;max-width:1600px}
 h1{font-size:22px;margin:0 0 6px} h2{font-size:17px;margin:26px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
-table{border-collapse:collapse;font-size:12.5px;margin:6px 0}
-th,td{border:1px solid #d0d0d0;padding:3px 6px;text-align:right;white-space:nowrap}
-th{background:#f1f3f5;position:sticky;top:0} td.l,th.l{text-align:left}
+table{border-collapse:collapse;font-size:12px;margin:6px 0}
+th,td{border:1px solid #d0d0d0;padding:3px 4px;text-align:right;white-space:nowrap}
+th{background:#f1f3f5;position:sticky;top:0;white-space:normal} td.l,th.l{text-align:left}
+td.l{white-space:normal} td.l:first-child{min-width:150px}
 tr.ref td{background:#fff8e1;font-weight:600} .muted{color:#666} .warn{color:#8a4b00} .err{color:#b00020}
 .wrap{overflow-x:auto} img{max-width:100%;height:auto;border:1px solid #eee}
 ul{margin:4px 0 4px 18px;padding:0} code{background:#f4f4f4;padding:0 3px}

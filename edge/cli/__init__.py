@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("edgebrain.cli.bench", "Accuracy and latency of artifacts on a device vs the FP32 reference."),
     "predict": ("edgebrain.cli.predict", "Classify images with an artifact (TensorFlow-free)."),
     "gate": ("edgebrain.cli.gate", "Fail when an artifact's accuracy regressed (CI gate)."),
+    "keygen": ("edgebrain.cli.keygen", "Make an Ed25519 key pair for convert --sign / --verify-with."),
 }
 
 

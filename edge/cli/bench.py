@@ -73,6 +73,9 @@ def _cpus(ctx: click.Context, param: click.Parameter, value: str | None) -> list
 @click.option("--keep-remote", is_flag=True, help="Leave the working folder on the device.")
 @click.option("--unsafe", is_flag=True, help="Allow Keras Lambda layers in the reference (trusted files only).")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
+@click.option("--verify-with", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Ed25519 public key (PEM or ssh-ed25519): refuse every artifact whose manifest is not signed "
+                   "by this key (convert --sign).")
 @ct_options("the --data layout", "--data")
 def command(artifacts: tuple[Path, ...], data_dir: Path, devices: tuple[str, ...], reference: Path | None,
             no_reference: bool, out: Path, overwrite: bool, eval_list: Path | None, split: str,
@@ -80,8 +83,8 @@ def command(artifacts: tuple[Path, ...], data_dir: Path, devices: tuple[str, ...
             raw_precision: str | None, threads: int | None, cpus: list[int] | None, batch: int, warmup: int,
             min_runs: int, min_seconds: float, reference_device: str, job_timeout: float | None,
             ssh_identity: Path | None, ssh_known_hosts: Path | None, ssh_options: tuple[str, ...],
-            remote_python: str, keep_remote: bool, unsafe: bool, as_json: bool, ct_dir: Path | None,
-            ct_csv: Path | None) -> None:
+            remote_python: str, keep_remote: bool, unsafe: bool, as_json: bool, verify_with: Path | None,
+            ct_dir: Path | None, ct_csv: Path | None) -> None:
     """Accuracy and speed of ARTIFACT(s) on DEVICE(s) against the FP32 reference.
 
     ARTIFACT is a `convert` output folder (its manifest's sha256 is checked first: a modified
@@ -121,7 +124,7 @@ def command(artifacts: tuple[Path, ...], data_dir: Path, devices: tuple[str, ...
                     ssh=ssh, split=split, eval_list=eval_list, per_class=per_class, preprocess=preprocess,
                     classes=[c.strip() for c in classes.split(",")] if classes else None, input_size=input_size,
                     precision=raw_precision, no_reference=no_reference, overwrite=overwrite, unsafe=unsafe,
-                    command=cmd, ct_dir=ct_dir, ct_csv=ct_csv)
+                    command=cmd, ct_dir=ct_dir, ct_csv=ct_csv, verify_with=verify_with)
     except EdgebrainError as exc:
         raise click.ClickException(str(exc)) from exc
     clean = {k: v for k, v in doc.items() if not k.startswith("_")}

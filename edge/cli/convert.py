@@ -154,6 +154,12 @@ def _command_line() -> str | None:
               help="Drop the names of intermediate tensors and nodes from the model file (default; every "
                    "target and precision; inputs, outputs and TFLite signatures keep theirs) or keep them "
                    "for debugging.")
+@click.option("--sign", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Sign every manifest with this Ed25519 private key (PEM; `edgebrain keygen KEY` makes one). "
+                   "predict/bench --verify-with PUBKEY then refuse artifacts it did not sign.")
+@click.option("--resume", is_flag=True,
+              help="Keep the artifacts an interrupted run into --out finished (when they still verify and come "
+                   "from the same model) and convert only the rest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def command(model: Path, targets: str, precisions: str, out: Path, as_json: bool, **kw: Any) -> None:
     """Convert MODEL (a model folder or .keras/.h5/SavedModel from `edgebrain train`, a Keras 3
@@ -229,7 +235,7 @@ def _print(summary: dict[str, Any]) -> None:
         ops = r.get("ops") or {}
         ag = v.get("top1_agreement")
         dp = v.get("max_abs_dp")
-        t.add_row(r["path"], "[green]ok[/]" if r["status"] == "ok" else "[red]REJECTED[/]",
+        t.add_row(r["path"], {"ok": "[green]ok[/]", "kept": "[green]kept[/]"}.get(r["status"], "[red]REJECTED[/]"),
                   _fmt_mb(r.get("size_bytes")), _fmt_mb(r.get("gzip_bytes")),
                   "-" if ag is None else f"{ag:.4f}", "-" if dp is None else f"{dp:.2e}",
                   str(ops.get("int8_ops", "-")), str(ops.get("float_ops", "-")),

@@ -96,6 +96,9 @@ def _print(report: object) -> None:
               help="Do not re-hash the artifact folders named in the results (gate on the numbers alone).")
 @click.option("--artifact-root", type=click.Path(path_type=Path), default=None,
               help="Where the artifact folders are, when not at the paths recorded in the results.")
+@click.option("--max-unreadable", type=click.IntRange(min=0), default=0, show_default=True,
+              help="How many evaluation images bench could not score (results.json data.failed) still pass; "
+                   "more fails the gate (exit 1).")
 @click.option("--junit", type=click.Path(path_type=Path), default=None, help="Write a JUnit XML report here.")
 @click.option("--summary", type=click.Path(path_type=Path), default=None,
               help="Write a Markdown summary here (e.g. append it to $GITHUB_STEP_SUMMARY).")
@@ -106,7 +109,7 @@ def command(results: Path, baseline: Path | None, update_baseline: bool, max_dro
             max_latency_ratio: float | None,
             non_inferiority: str, ni_margin: float, alpha: float, class_rule: str,
             convert_summaries: tuple[Path, ...], no_artifact_check: bool,
-            artifact_root: Path | None, junit: Path | None, summary: Path | None, json_out: Path | None) -> None:
+            artifact_root: Path | None, max_unreadable: int, junit: Path | None, summary: Path | None, json_out: Path | None) -> None:
     """Fail when an artifact in a bench RESULTS.json is less accurate than the FP32 reference.
 
     For every artifact x device: overall accuracy drop, every class's recall drop, top-1
@@ -134,6 +137,7 @@ def command(results: Path, baseline: Path | None, update_baseline: bool, max_dro
             non_inferiority=non_inferiority, ni_margin=ni_margin, alpha=alpha, min_accuracy=min_accuracy,
             artifact_check=not no_artifact_check, artifact_root=artifact_root, update_baseline=update_baseline,
             class_rule=class_rule, convert_summary=list(convert_summaries) or None,
+            max_unreadable=max_unreadable,
         )
     except GateError as exc:
         raise GateUsage(str(exc)) from exc

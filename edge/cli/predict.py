@@ -78,10 +78,14 @@ def _load_reference(path: Path, threads: int | None, want_size: tuple[int, int])
 @click.option("--explain-reference", type=click.Path(path_type=Path), default=None,
               help="FP32 model to compare maps with: an artifact folder, or a .keras model (full install; "
                    "adds Grad-CAM). Reports the saliency drift and box IoU.")
+@click.option("--verify-with", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Ed25519 public key (PEM or ssh-ed25519): refuse the artifact unless its manifest is signed "
+                   "by this key (convert --sign).")
 @ct_options("the MRI files", "the IMAGE_OR_DIR folder")
 def command(artifact: Path, images: tuple[Path, ...], as_json: bool, top_k: int, threads: int | None,
             no_recursive: bool, explain_dir: Path | None, explain_budget_s: float, explain_patch: float,
-            explain_reference: Path | None, ct_dir: Path | None, ct_csv: Path | None) -> None:
+            explain_reference: Path | None, verify_with: Path | None, ct_dir: Path | None,
+            ct_csv: Path | None) -> None:
     """Classify IMAGE_OR_DIR... (JPEG, PNG, BMP, TIFF or DICOM; greyscale or RGB; any size) with
     the edge ARTIFACT, without TensorFlow. Folders are walked for image files.
 
@@ -103,7 +107,7 @@ def command(artifact: Path, images: tuple[Path, ...], as_json: bool, top_k: int,
     from ..progress import track
 
     try:
-        predictor = Predictor(artifact, threads=threads, top_k=top_k)
+        predictor = Predictor(artifact, threads=threads, top_k=top_k, verify_with=verify_with)
         fusion = _fusion_check(predictor, ct_dir, ct_csv, explain_dir)
     except (EdgebrainError, OSError, ValueError) as exc:
         raise FatalError(str(exc)) from exc

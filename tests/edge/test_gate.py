@@ -62,13 +62,23 @@ def record(name: str, recalls: list[float], agreement: float = 1.0, p50: float =
                    "threads": 2, "ran_on": "CPU", "transport": "local"},
         "accuracy": acc, "accuracy_ci95": ci or [acc - 0.02, min(1.0, acc + 0.02)], "macro_f1": acc,
         "per_class": {c: {"precision": r, "recall": r, "f1": r, "support": SUPPORT} for c, r in zip(CLASSES, recalls)},
-        "confusion_matrix": [[0] * 4 for _ in range(4)],
+        "confusion_matrix": consistent_cm(recalls),
         "agreement": agreement, "mcnemar": mcnemar or {"b": 0, "c": 0, "p_value": 1.0}, "ece": 0.02,
         "flips": [], "dedup": None,
         "latency_ms": {"p50": p50, "p90": p50 * 1.1, "p99": p50 * 1.3, "mean": p50, "std": 0.1, "n": 50},
         "throughput_ips": 1000 / p50, "cold_start_ms": 50.0, "e2e_ms": p50 + 2, "peak_rss_mb": 100.0,
         "size_bytes": 1000, "gzip_bytes": 900,
     }
+
+
+def consistent_cm(recalls: list[float], support: int = SUPPORT) -> list[list[int]]:
+    """A confusion matrix that agrees with the recalls (misses go to the next class)."""
+    k = len(recalls)
+    cm = [[0] * k for _ in range(k)]
+    for i, r in enumerate(recalls):
+        cm[i][i] = round(r * support)
+        cm[i][(i + 1) % k] = support - cm[i][i]
+    return cm
 
 
 REF_RECALLS = [0.95, 0.90, 0.99, 0.96]
@@ -482,12 +492,13 @@ def test_junit_xml_parses_and_counts(tmp_path: Path, arts: dict[str, tuple[Path,
     root = ET.fromstring(junit_xml(rep))
     assert root.tag == "testsuites"
     cases = root.findall(".//testcase")
-    assert len(cases) == 2 * 8  # artifact x device x check
+    assert len(cases) == 2 * 10  # artifact x device x check
     fails = root.findall(".//testcase/failure")
     errs = root.findall(".//testcase/error")
     assert len(fails) == 1 and "agreement" in fails[0].get("message", "")
-    assert len(errs) == 1 and "glioma" in errs[0].get("message", "")
-    assert root.get("failures") == "1" and root.get("errors") == "1" and root.get("tests") == "16"
+    # the missing recall: class_recall cannot be computed, and the record no longer adds up
+    assert len(errs) == 2 and all("glioma" in e.get("message", "") for e in errs)
+    assert root.get("failures") == "1" and root.get("errors") == "2" and root.get("tests") == "20"
     assert int(root.get("skipped", "0")) == 2 * 4  # min accuracy, non-inferiority, baseline accuracy, latency
     suites = {s.get("name") for s in root.findall("testsuite")}
     assert suites == {"tflite-int8 @ host", "onnx-int8 @ host"}

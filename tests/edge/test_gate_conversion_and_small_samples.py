@@ -36,6 +36,12 @@ def _record(name: str, correct: list[int], support: int, folder: Path | None = N
             flips: list[dict[str, str]] | None = None) -> dict[str, Any]:
     recalls = [k / support for k in correct]
     acc = sum(correct) / (support * len(correct))
+    n = support * len(correct)
+    # paired counts that agree with the accuracies: the listed flips, else every change a loss
+    lost = sum(1 for f in flips or [] if f["ref_label"] == f["true_label"] != f["label"])
+    gained = sum(1 for f in flips or [] if f["label"] == f["true_label"] != f["ref_label"])
+    if flips is None:
+        lost = max(0, sum(REF) - sum(correct)) if support == 50 else 0
     rec = {
         "artifact": str(folder) if folder else "runs/m/model.keras", "name": name,
         "artifact_sha256": sha or SRC, "target": "onnx", "precision": name.split("-")[-1],
@@ -43,8 +49,8 @@ def _record(name: str, correct: list[int], support: int, folder: Path | None = N
                    "runtime": "onnxruntime", "threads": 2, "ran_on": "CPU", "transport": "local"},
         "accuracy": acc, "accuracy_ci95": [acc - 0.03, min(1.0, acc + 0.03)], "macro_f1": acc,
         "per_class": {c: {"precision": r, "recall": r, "f1": r, "support": support} for c, r in zip(CLASSES, recalls)},
-        "confusion_matrix": [[0] * 4 for _ in range(4)], "agreement": 1.0,
-        "mcnemar": {"b": 0, "c": 0, "p_value": 1.0}, "ece": 0.02,
+        "confusion_matrix": _cm(correct, support), "agreement": 1.0 - (len(flips) if flips else lost) / n,
+        "mcnemar": {"b": lost, "c": gained, "p_value": 1.0}, "ece": 0.02,
         "latency_ms": {"p50": 5.0, "p90": 5.5, "p99": 6.0, "mean": 5.0, "std": 0.1, "n": 50},
     }
     if flips is not None:
@@ -53,6 +59,16 @@ def _record(name: str, correct: list[int], support: int, folder: Path | None = N
 
 
 REF = [47, 45, 49, 48]  # correct images per class out of 50
+
+
+def _cm(correct: list[int], support: int) -> list[list[int]]:
+    """A confusion matrix that agrees with the counts (misses go to the next class)."""
+    k = len(correct)
+    cm = [[0] * k for _ in range(k)]
+    for i, c in enumerate(correct):
+        cm[i][i] = c
+        cm[i][(i + 1) % k] = support - c
+    return cm
 
 
 def _doc(recs: list[dict[str, Any]], support: int = 50) -> dict[str, Any]:
