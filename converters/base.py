@@ -60,6 +60,8 @@ class BuildContext:
     # target options the user set (the rest of ``options`` are defaults): never overridden by
     # the int8 search or fallbacks
     explicit: frozenset[str] = frozenset()
+    # the command's --time-budget (edgebrain.progress.Deadline); steps that can stop part-way ask it
+    deadline: Any = None
 
     def calib(self) -> CalibrationSet:
         if self.calibration is None:
@@ -229,3 +231,34 @@ def file_sizes(folder: Path, files: list[str]) -> dict[str, Any]:
     size = sum(os.path.getsize(folder / f) for f in files)
     gz = sum(gzip_size(folder / f) for f in files)
     return {"size_bytes": size, "gzip_bytes": gz}
+
+
+def activation_bytes(src: Source) -> int:
+    """Bytes of the float activations of one image through ``src`` (0 when unknown): the ONNX
+    graph's inferred shapes, or the Keras layers' output shapes."""
+    try:
+        if not src.is_keras and src.onnx_file is not None:
+            from .onnx_target import activation_bytes_per_image
+
+            return activation_bytes_per_image(Path(src.onnx_file))
+        total = 0
+        for layer in src.model.layers:
+            outs = layer.output if isinstance(layer.output, (list, tuple)) else [layer.output]
+            for t in outs:
+                total += 4 * int(np.prod([d or 1 for d in tuple(t.shape)[1:]]))
+        return total
+    except Exception:  # an estimate: unknown shapes leave the default batch
+        return 0
+
+
+def inference_batch(src: Source, most: int = 64) -> int:
+    """Images per inference call (verification, the source's reference outputs) within the step
+    memory budget (:func:`edgebrain.memory.step_budget`), counting the runtime's working memory as
+    twice the activations, at most ``most``: a VGG16 at 240 px has about 127 MB of activations per
+    image, so 64 at once would take over 10 GB."""
+    from edgebrain.memory import step_budget
+
+    from .onnx_target import RUNTIME_FACTOR
+
+    per = activation_bytes(src) * RUNTIME_FACTOR
+    return most if per <= 0 else int(max(1, min(most, step_budget() // per)))

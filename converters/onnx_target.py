@@ -16,6 +16,9 @@ where U8S8 can saturate.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import shutil
 import tempfile
 from collections import Counter
@@ -23,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from edgebrain.calibration import resolve_method
+from edgebrain.memory import MB, InsufficientMemory, require, step_budget
+from edgebrain.progress import track
 
 from .base import (
     BuildContext,
@@ -34,6 +39,8 @@ from .base import (
 )
 from .registry import register
 from .source import DEFAULT_OPSET, MIN_OPSET
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 BOUNDARY = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
@@ -268,7 +275,6 @@ class ONNXTarget(Target):
     def _static(self, ctx: BuildContext, export: Path, dst: Path) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
         import onnx
         from onnxruntime.quantization import (
-            CalibrationDataReader,
             CalibrationMethod,
             QuantFormat,
             QuantType,
@@ -292,19 +298,6 @@ class ONNXTarget(Target):
         g = onnx.load(str(pre), load_external_data=False).graph
         inits = {i.name for i in g.initializer}
         input_name = [i.name for i in g.input if i.name not in inits][0]
-        batch = 16
-
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self._it = iter(cs.batches(batch))
-
-            def get_next(self) -> dict[str, Any] | None:
-                xb = next(self._it, None)
-                return None if xb is None else {input_name: xb}
-
-            def rewind(self) -> None:
-                self._it = iter(cs.batches(batch))
-
         per_channel, why = self._per_channel(ctx)
         reduce_range = bool(o.get("onnx_reduce_range", False))
         float_head = bool(o.get("float_head", False))
@@ -322,16 +315,20 @@ class ONNXTarget(Target):
               "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}[method]
         cache: Path | None = None
         try:
-            if method == "entropy":
-                # quantize_static builds its entropy calibrator with 128 histogram bins and 128
-                # quantised bins: the KL search then has a single candidate, the full range, so
-                # "entropy" silently equals min/max. Collect the ranges with the library's own
-                # calibrator at the usual 2048 bins and hand them over as a calibration cache.
-                cache = _entropy_cache(pre, Reader(), ctx.workdir, ENTROPY_BINS)
-            quantize_static(str(pre), str(dst), Reader(), quant_format=formats[fmt], per_channel=per_channel,
+            # The ranges are collected here, a few images at a time (quantize_static would keep every
+            # calibration image's activations until the end: tens of GB for a VGG16 at 240 px with
+            # the histogram methods), and handed over as a calibration cache. Entropy: quantize_static
+            # builds its calibrator with 128 histogram bins and 128 quantised bins, so the KL search
+            # has a single candidate, the full range, and "entropy" silently equals min/max; the
+            # library's own calibrator runs here at the usual 2048 bins.
+            cache, streamed = stream_ranges(pre, cm, cs, input_name, ctx.workdir,
+                                            ENTROPY_BINS if method == "entropy" else {})
+            quantize_static(str(pre), str(dst), None, quant_format=formats[fmt], per_channel=per_channel,
                             reduce_range=reduce_range, activation_type=types[act], weight_type=types[wt],
                             calibrate_method=cm, nodes_to_exclude=exclude or None,
-                            **({"calibration_cache_path": str(cache)} if cache else {}))
+                            calibration_cache_path=str(cache))
+        except InsufficientMemory:
+            raise
         except Exception as exc:
             raise ConversionError(f"{export}: onnxruntime static quantisation failed "
                                   f"({type(exc).__name__}: {exc})") from exc
@@ -346,6 +343,7 @@ class ONNXTarget(Target):
                  "activations_kept_float": shared_acts}
         if method == "entropy":
             quant["entropy_histogram"] = dict(ENTROPY_BINS)
+        quant["calibration_streaming"] = streamed
         return quant, cs.manifest(method, "onnxruntime"), warnings
 
     def count_ops(self, model_file: Path) -> dict[str, Any] | None:
@@ -386,24 +384,112 @@ def _logits_nodes(g: Any) -> list[str]:
     return []
 
 
-def _entropy_cache(model: Path, reader: Any, workdir: Path, bins: dict[str, int]) -> Path:
-    """Activation ranges by ORT's entropy calibrator with ``bins``, saved as a calibration cache
-    that ``quantize_static(calibration_cache_path=...)`` reads."""
+FLOAT_TYPES = (1, 10)  # onnx.TensorProto.FLOAT, FLOAT16
+BYTES = {1: 4, 10: 2}
+# the most images one calibration pass runs (quantize_static's readers used 16)
+MAX_CALIB_BATCH = 16
+# histogram methods hold a pass's activations and, while histogramming one tensor, two copies of it
+HISTOGRAM_COPIES = 3
+# onnxruntime's working memory per image in flight, as a multiple of the model's activation bytes
+# (arena, im2col buffers, layout transposes): 5.2 GB peak for a VGG16 at 240 px (127 MB of
+# activations per image) calibrating 16 images per pass, ~2x the activations
+RUNTIME_FACTOR = 2
+
+
+def activation_sizes(model: Path) -> dict[str, int]:
+    """Bytes per image of every float activation of ``model`` (after ONNX shape inference): the
+    tensors onnxruntime's calibrators read. The batch dimension is left out; other unknown
+    dimensions count as 1 (the figure is then a lower bound)."""
+    import onnx
+
+    m = onnx.load(str(model), load_external_data=False)
+    try:
+        m = onnx.shape_inference.infer_shapes(m)
+    except Exception as exc:  # an estimate only: fall back to the declared shapes
+        log.warning("%s: ONNX shape inference failed (%s); activation sizes are a lower bound", model, exc)
+    inits = {i.name for i in m.graph.initializer}
+    sizes: dict[str, int] = {}
+    for vi in [*m.graph.input, *m.graph.value_info, *m.graph.output]:
+        t = vi.type.tensor_type
+        if vi.name in inits or t.elem_type not in FLOAT_TYPES or len(t.shape.dim) < 2:
+            continue
+        n = 1
+        for d in t.shape.dim[1:]:
+            n *= d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
+        sizes[vi.name] = n * BYTES[t.elem_type]
+    return sizes
+
+
+def activation_bytes_per_image(model: Path) -> int:
+    """Bytes of all float activations of one image (see :func:`activation_sizes`)."""
+    return int(sum(activation_sizes(model).values()))
+
+
+def calibration_batch(per_image: int, largest: int, histogram: bool, budget: int) -> int:
+    """Images per calibration pass within ``budget`` bytes: onnxruntime's working memory for the
+    images in flight (``RUNTIME_FACTOR`` x their activations), and for the histogram methods also
+    every activation of the pass handed back to the calibrator, plus two copies of one tensor."""
+    hold = calibration_batch_bytes(per_image, largest, histogram, 1)
+    return int(max(1, min(MAX_CALIB_BATCH, budget // max(hold, 1))))
+
+
+class _OneBatch:
+    """A CalibrationDataReader over one batch (the calibrators read a reader to its end)."""
+
+    def __init__(self, input_name: str, xb: Any) -> None:
+        self._items = [{input_name: xb}]
+
+    def get_next(self) -> dict[str, Any] | None:
+        return self._items.pop() if self._items else None
+
+
+def stream_ranges(model: Path, method: Any, cs: Any, input_name: str, workdir: Path,
+                  extra_options: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """Activation ranges of ``model`` on the calibration set ``cs`` by onnxruntime's own calibrator
+    (``create_calibrator``, the op types ``quantize_static`` calibrates), fed one pass of a few
+    images at a time: min/max ranges merge exactly; the histogram methods (entropy, percentile,
+    distribution) add each pass to their running histograms, so memory is bounded by one pass
+    instead of growing with the calibration set. Checks beforehand that one image fits in the
+    available memory (:class:`~edgebrain.memory.InsufficientMemory` otherwise). Returns the
+    calibration cache (``quantize_static(calibration_cache_path=...)``) and what was held."""
     from onnxruntime.quantization import CalibrationMethod, create_calibrator
     from onnxruntime.quantization.calibrate import save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-    tmp = Path(tempfile.mkdtemp(prefix="ort-entropy-", dir=workdir))
+    sizes = activation_sizes(model)
+    per, largest = sum(sizes.values()), max(sizes.values(), default=0)
+    histogram = method != CalibrationMethod.MinMax
+    budget = step_budget()
+    batch = calibration_batch(per, largest, histogram, budget)
+    name = str(method).rsplit(".", 1)[-1].lower()
+    hold = calibration_batch_bytes(per, largest, histogram, batch)
+    require(f"onnx int8 calibration ({name}) of {model.name}", hold + 2 * model.stat().st_size,
+            hint="Use a machine with more memory or a smaller input size")
+    tmp = Path(tempfile.mkdtemp(prefix="ort-calib-", dir=workdir))
     try:
-        calibrator = create_calibrator(model, None, augmented_model_path=str(tmp / "augmented.onnx"),
-                                       calibrate_method=CalibrationMethod.Entropy, extra_options=dict(bins))
-        calibrator.collect_data(reader)
-        ranges = calibrator.compute_data()
+        calibrator = create_calibrator(model, list(set(QLinearOpsRegistry) | set(QDQRegistry)),
+                                       augmented_model_path=str(tmp / "augmented.onnx"), calibrate_method=method,
+                                       extra_options=dict(extra_options))
+        for xb in track(cs.batches(batch), f"onnx int8: {name} calibration, {batch} image(s) per pass"):
+            with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print a line per pass
+                calibrator.collect_data(_OneBatch(input_name, xb))
+        with contextlib.redirect_stdout(io.StringIO()):
+            ranges = calibrator.compute_data()
         del calibrator
-        cache = Path(workdir) / f"{model.stem}.entropy-ranges.json"
+        cache = Path(workdir) / f"{model.stem}.{name}-ranges.json"
         save_tensors_data(ranges, cache)
-        return cache
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return cache, {"images_per_pass": batch, "passes": -(-len(cs) // batch),
+                   "activation_mb_per_image": round(per / MB, 3), "held_mb_per_pass": round(hold / MB, 3),
+                   "budget_mb": round(budget / MB, 3),
+                   "all_images_at_once_mb": round(per * len(cs) / MB, 3) if histogram else None}
+
+
+def calibration_batch_bytes(per_image: int, largest: int, histogram: bool, batch: int) -> int:
+    """Bytes a calibration pass of ``batch`` images holds (see :func:`calibration_batch`)."""
+    run = RUNTIME_FACTOR * per_image
+    return batch * (run + per_image + (HISTOGRAM_COPIES - 1) * largest if histogram else run)
 
 
 register(ONNXTarget())

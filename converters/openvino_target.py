@@ -21,12 +21,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgebrain.calibration import resolve_method
+from edgebrain.progress import BudgetExpired, Deadline, Heartbeat
 
 from .base import (
     BuildContext,
@@ -35,6 +37,7 @@ from .base import (
     Target,
     equalize_wanted,
     equalized_source,
+    inference_batch,
 )
 from .registry import register
 from .source import DEFAULT_OPSET
@@ -332,7 +335,14 @@ class OpenVINOTarget(Target):
         method, warn = resolve_method("nncf", ctx.calib_method)
         warnings = [warn] if warn else []
         cs = ctx.calib()
-        calib_ds = nncf.Dataset(cs.batches(1))
+        beat = Heartbeat(f"openvino int8: NNCF statistics and bias correction ({len(cs)} calibration images; "
+                         "images fed so far)", at_once=False)
+
+        def feed(x: Any) -> Any:
+            beat.tick()
+            return x
+
+        calib_ds = nncf.Dataset(cs.batches(1), feed)
         max_drop = o.get("max_drop")
         fbc = bool(o.get("nncf_fast_bias_correction", False))
         act_range = str(o.get("nncf_activation_range", "minmax")).lower()
@@ -374,14 +384,11 @@ class OpenVINOTarget(Target):
                     raise ConversionError(f"--max-drop-metric must be accuracy or agreement, got {metric!r}")
                 xv, yv = ctx.validation()
                 if metric == "agreement":  # the float model's own predictions are the reference
-                    yv = ctx.source.predict(xv).argmax(1)
+                    yv = ctx.source.predict(xv, batch=inference_batch(ctx.source)).argmax(1)
                 items = [(xv[i : i + 1], int(yv[i])) for i in range(len(xv))]
                 val_ds = nncf.Dataset(items, lambda item: item[0])
 
-                def validate(compiled: Any, data: Any) -> tuple[float, list[float]]:
-                    out = compiled.output(0)
-                    per = [float(np.argmax(compiled(x)[out], axis=-1)[0] == y) for x, y in data]
-                    return float(np.mean(per)) if per else 0.0, per
+                validate = _budgeted_validation(ctx.deadline, len(items))
 
                 qm = nncf.quantize_with_accuracy_control(
                     model, calib_ds, val_ds, validate, max_drop=float(max_drop),
@@ -390,11 +397,29 @@ class OpenVINOTarget(Target):
                 quant.update({"method": "nncf.quantize_with_accuracy_control", "max_drop": float(max_drop),
                               "drop_type": "absolute", "metric": metric,
                               "validation": {"split": "val", "n": len(items)}})
-        except ConversionError:
+        except (ConversionError, BudgetExpired):
             raise
         except Exception as exc:
             raise ConversionError(f"{ctx.source.path}: NNCF quantisation failed ({type(exc).__name__}: {exc})") from exc
         return qm, quant, {**cs.manifest(method, "nncf"), "preset": preset_name}, warnings
+
+
+def _budgeted_validation(deadline: Deadline | None, n: int) -> Callable[[Any, Any], tuple[float, list[float]]]:
+    """NNCF accuracy control's validation function (top-1 hits per image) that reports progress
+    (a line at most every 30 s: evaluations done, time spent) and, when ``deadline`` is spent,
+    raises :class:`~edgebrain.progress.BudgetExpired` before the next evaluation: accuracy control
+    then stops and the caller keeps the best build verified so far."""
+    beat = Heartbeat(f"openvino int8 accuracy control ({n} validation images per full evaluation)")
+
+    def validate(compiled: Any, data: Any) -> tuple[float, list[float]]:
+        if deadline is not None:
+            deadline.check("the next accuracy-control evaluation")
+        out = compiled.output(0)
+        per = [float(np.argmax(compiled(x)[out], axis=-1)[0] == y) for x, y in data]
+        beat.tick()
+        return float(np.mean(per)) if per else 0.0, per
+
+    return validate
 
 
 register(OpenVINOTarget())

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from edgebrain.calibration import resolve_method
+from edgebrain.progress import Heartbeat
 
 from .base import (
     BuildContext,
@@ -157,8 +158,10 @@ class TFLiteTarget(Target):
                 warnings.append(warn)
 
             def gen() -> Any:
+                beat = Heartbeat(f"tflite {precision} calibration", total=len(cs))
                 for xb in cs.batches(1):
                     yield [xb]
+                    beat.tick()
 
             c.representative_dataset = gen
             return cs.manifest(method, "tflite")

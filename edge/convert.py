@@ -32,7 +32,8 @@ from . import data as D
 from .artifact import Artifact, load_manifest, write_manifest
 from .errors import DataError, EdgebrainError
 from .io import atomic_dir, atomic_write_json, environment_facts, sha256_file
-from .progress import enabled
+from .memory import MB, PeakRSS
+from .progress import BudgetExpired, Deadline, enabled, track
 
 if TYPE_CHECKING:
     from edgebrain.calibration import CalibrationSet
@@ -266,9 +267,12 @@ class _VerifySet:
     ref: np.ndarray  # source probabilities
     note: str | None = None
     fusion: dict[str, Any] | None = None  # fused MRI+CT inputs: the spec, CT source, unpaired count
+    batch: int = 32  # images per inference call (bounded by the memory budget for large models)
 
 
 def _verify_set(src: Source, data: _Data, verify_n: int | None, calib: CalibrationSet | None) -> _VerifySet:
+    from edgebrain.converters.base import inference_batch
+
     spec = src.spec
     if data.available:
         arr = data.arrays("val", spec.size, n=verify_n, resize=spec.resize)
@@ -278,18 +282,18 @@ def _verify_set(src: Source, data: _Data, verify_n: int | None, calib: Calibrati
             if data.fusion is not None:
                 fused = {**data.fusion.to_dict(), **data.pairing.describe(), "pairs": int(len(arr.x)),
                          "unpaired_skipped": data.unpaired.get("val", 0)}
-            return _VerifySet(x, arr.y, "val", src.predict(x), fusion=fused)
+            return _VerifySet(x, arr.y, "val", src.predict(x, batch=inference_batch(src)), fusion=fused)
     if calib is not None and len(calib):
         x = calib.x if verify_n is None else calib.x[:verify_n]
         y = calib.y[: len(x)] if (calib.y >= 0).all() else None
-        return _VerifySet(x, y, "calib", src.predict(x),
+        return _VerifySet(x, y, "calib", src.predict(x, batch=inference_batch(src)),
                           "verified on the calibration images (no validation split known: pass --data DIR)",
                           fusion=calib.info.get("fusion"))
     n = verify_n or 32
     rng = np.random.default_rng(0)
     pix = rng.integers(0, 256, size=(n, *spec.size, spec.channels), dtype=np.uint8)
     x = spec.apply(pix).astype(np.float32)
-    return _VerifySet(x, None, "random-pixels", src.predict(x),
+    return _VerifySet(x, None, "random-pixels", src.predict(x, batch=inference_batch(src)),
                       "verified on random-pixel images only (no images known: pass --data DIR)")
 
 
@@ -363,12 +367,20 @@ def _int8_choose(j: _Job, ctx: BuildContext, built: Any, build: Path, work: Path
             log.append({"settings": label(settings), "skipped": f"set explicitly: {', '.join(chosen_by_user)}"})
             return
         full = {**best[3], **settings}
+        if ctx.deadline is not None and ctx.deadline.expired():
+            log.append({"settings": label(full), "skipped": f"time budget of {ctx.deadline.seconds:g} s spent"})
+            return
         _say(f"{j.target.name} int8: {why}; trying {label(full)}")
         ctx2 = _with_settings(ctx, full)
         b2 = Path(tempfile.mkdtemp(prefix=f".{j.dirname}.alt-", dir=work))
         try:
             built2 = j.target.build(ctx2, j.precision, b2)
             v2, _ = _verify(_draft(b2, built2, j.target, j.precision, src), j.target, vs, 0.0, threads)
+        except BudgetExpired as exc:  # stopped part-way (e.g. accuracy control): the best so far stands
+            log.append({"settings": label(full), "stopped": str(exc)})
+            _say(f"{j.target.name} int8: {exc}; keeping the best build verified so far")
+            shutil.rmtree(b2, ignore_errors=True)
+            return
         except Exception as exc:  # a setting that cannot be built is recorded, the best so far stands
             log.append({"settings": label(full), "error": f"{type(exc).__name__}: {exc}"})
             shutil.rmtree(b2, ignore_errors=True)
@@ -440,7 +452,8 @@ def _verify(art: Artifact, target: Target, vs: _VerifySet, min_agreement: float,
 
     warnings: list[str] = []
     runner = target.load(art, threads=threads)
-    outs = [np.asarray(runner.run(vs.x[i : i + 32])) for i in range(0, len(vs.x), 32)]
+    outs = [np.asarray(runner.run(vs.x[i : i + vs.batch]))
+            for i in track(range(0, len(vs.x), vs.batch), f"verifying {art.target} {art.precision}")]
     probs = np.concatenate(outs) if outs else np.zeros_like(vs.ref)
     if probs.shape != vs.ref.shape:
         return ({"n": int(len(vs.x)), "split": vs.split, "passed": False, "threshold": min_agreement,
@@ -531,6 +544,7 @@ def convert(
     overwrite: bool = False,
     threads: int | None = None,
     command: str | None = None,
+    time_budget: float | None = None,
     sign: str | Path | None = None,
     resume: bool = False,
     **options: Any,
@@ -547,6 +561,11 @@ def convert(
     verified and pruned on fused pairs: ``ct_dir`` (CT images mirroring the dataset layout) and/or
     ``ct_csv`` (``mri,ct`` pairs), by default the CT source recorded in the model card. A model
     without a fusion given ``ct_dir`` / ``ct_csv`` is refused.
+
+    ``time_budget`` (seconds) bounds the whole run: the int8 search, its fallbacks and NNCF accuracy
+    control stop when it is spent, keeping the best build verified so far; targets not started by
+    then are listed as failed. Peak memory (RSS) per artifact and for the run is recorded in each
+    manifest and in ``convert_summary.json`` (``memory``).
 
     ``sign``: an Ed25519 private key (PEM) that signs every manifest. One convert at a time writes
     into ``out`` (a lock file); work folders a killed run left there are removed. ``resume`` keeps
@@ -571,6 +590,8 @@ def convert(
     if unknown:
         raise ConversionError(f"unknown option(s) {unknown}; target options: {', '.join(sorted(known))}")
     opts = {k: (options[k] if options.get(k) is not None else v["default"]) for k, v in known.items()}
+    if time_budget is not None and not time_budget > 0:
+        raise ConversionError(f"--time-budget must be a positive number of seconds, got {time_budget}")
     if not 0.0 < min_agreement <= 1.0:
         raise ConversionError(f"--min-agreement must be in (0, 1], got {min_agreement}")
     if verify_n is not None and verify_n < 1:
@@ -596,6 +617,7 @@ def convert(
                                     else None),
             "no_int8_search": not int8_search,  # --no-int8-search
             "no_verify": no_verify, "allow_overlap": allow_overlap, "unsafe": unsafe, "overwrite": overwrite,
+            "time_budget": time_budget,
             **{k: v for k, v in options.items() if v is not None and v != known[k]["default"]}})
 
     out = Path(out)
@@ -613,7 +635,8 @@ def convert(
                            verify_n=verify_n, min_agreement=min_agreement, no_verify=no_verify,
                            allow_overlap=allow_overlap, unsafe=unsafe, overwrite=overwrite, threads=threads,
                            command=command, opts=opts, given=frozenset(k for k, v in options.items() if v is not None),
-                           calibrated=CALIBRATED, signing_key=signing_key, resume=resume)
+                           calibrated=CALIBRATED, signing_key=signing_key, resume=resume,
+                           time_budget=time_budget)
 
 
 def _convert_in(out: Path, model: str | Path, tgts: list[Target], p_names: list[str], **kw: Any) -> list[Artifact]:
@@ -733,10 +756,11 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
              min_agreement: float, no_verify: bool, allow_overlap: bool, unsafe: bool, overwrite: bool,
              threads: int | None, command: str,
              opts: dict[str, Any], calibrated: frozenset[str], given: frozenset[str],
-             signing_key: Any = None, resume: bool = False) -> list[Artifact]:
+             time_budget: float | None = None, signing_key: Any = None, resume: bool = False) -> list[Artifact]:
     from edgebrain.converters.base import BuildContext, ConversionError, file_sizes
     from edgebrain.converters.source import load_source
 
+    deadline, mem = Deadline(time_budget), PeakRSS()
     src = load_source(model, unsafe=unsafe, preprocess=preprocess, classes=classes, workdir=work)
     original = src.describe()
     dd = _Data(src, data)
@@ -808,7 +832,7 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
     ctx = BuildContext(source=src, workdir=work, options=opts, calibration=(lambda: cal) if cal is not None else None,
                        validation=validation if dd.available else None, calib_method=calib_method,
                        float_scopes=scopes, float_stages=stages,
-                       explicit=given,
+                       explicit=given, deadline=deadline,
                        int8_checked=not no_verify and bool(int8_fallback_below))
     if scopes:
         _say(f"int8: ops named *{'*, *'.join(scopes)}* stay float ({', '.join(stages)})")
@@ -820,6 +844,7 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
     vs: _VerifySet | None = None
     if not no_verify:
         vs = _verify_set(src, dd, verify_n, cal)
+        vs.batch = _verify_batch(src)
         _say(f"verification: {len(vs.x)} images ({vs.split}) against the source model")
 
     src_name = _model_name(Path(original["path"]))
@@ -833,7 +858,12 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
         records.append({"name": name, "path": str(art.path), "target": art.target, "precision": art.precision,
                         "status": "kept", "verification": art.manifest.get("verification")})
     for j in jobs:
+        if deadline.expired():
+            failed.append(_not_started(j, deadline))
+            _say(f"NOT STARTED {j.target.name} {j.precision}: {failed[-1]['error']}")
+            continue
         _say(f"converting {j.target.name} {j.precision} -> {out / j.dirname}")
+        section = mem.section().start()
         build = Path(tempfile.mkdtemp(prefix=f".{j.dirname}.build-", dir=work))
         try:
             built = j.target.build(ctx, j.precision, build)
@@ -933,7 +963,9 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
                 warnings.append(vs.note)
         else:
             warnings.append("NOT verified against the source model (--no-verify)")
+        section.stop()
         manifest.update({
+            "memory": section.to_dict(),
             "verification": verification if verification is not None else {"skipped": True},
             "versions": environment_facts(),
             "command": command,
@@ -957,7 +989,8 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
             raise ConversionError(str(exc)) from exc
         shutil.rmtree(build, ignore_errors=True)
         rec = {"name": j.dirname, "path": str(dest), "target": j.target.name, "precision": j.precision,
-               **manifest["size"], "verification": manifest["verification"], "ops": built.ops}
+               **manifest["size"], "verification": manifest["verification"], "ops": built.ops,
+               "memory": manifest["memory"]}
         if pipe is not None:
             rec["pipeline_stages"] = [{k: e[k] for k in ("name", "model_file", "precision")} for e in stage_entries]
         if ok:
@@ -993,6 +1026,8 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
         "rejected": rejected,
         "failed": failed,
         "warnings": run_warnings,
+        "memory": _memory_summary(mem, records),
+        "time_budget": _budget_summary(deadline),
     }
     atomic_write_json(out / SUMMARY, summary)
     if rejected or failed:
@@ -1000,6 +1035,29 @@ def _convert(model: str | Path, tgts: list[Target], p_names: list[str], out: Pat
         lines += [f"{f['target']} {f['precision']}: failed: {f['error']}" for f in failed]
         raise ConvertFailed("conversion incomplete:\n  " + "\n  ".join(lines), summary, artifacts)
     return artifacts
+
+
+def _verify_batch(src: Source) -> int:
+    from edgebrain.converters.base import inference_batch
+
+    return inference_batch(src, 32)
+
+
+def _not_started(j: _Job, deadline: Deadline) -> dict[str, str]:
+    return {"target": j.target.name, "precision": j.precision,
+            "error": f"not started: the time budget of {deadline.seconds:g} s was spent "
+                     f"({deadline.elapsed():.0f} s elapsed)"}
+
+
+def _memory_summary(mem: PeakRSS, records: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"peak_rss_mb": round(mem.overall / MB, 1), "measured": mem.method(),
+            "per_artifact_mb": {r["name"]: r["memory"]["peak_rss_mb"] for r in records if r.get("memory")}}
+
+
+def _budget_summary(deadline: Deadline) -> dict[str, Any] | None:
+    if deadline.seconds is None:
+        return None
+    return {"seconds": deadline.seconds, "elapsed_s": round(deadline.elapsed(), 1), "spent": deadline.expired()}
 
 
 # ----------------------------------------------------------------------------- pipeline stages

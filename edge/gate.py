@@ -8,7 +8,8 @@ artifact x device in it, checks against the FP32 reference of the same run:
                        is the artifact that was measured, and was converted from the reference;
 * ``accuracy``         overall accuracy drop (percentage points) <= ``max_drop``;
 * ``class_recall``     every class's recall drop <= ``max_class_drop`` (a missed glioma matters
-                       more than an average);
+                       more than an average); a class where one image is worth more than that is
+                       decided by an exact one-sided McNemar test (``class_rule="exact"``);
 * ``agreement``        top-1 agreement with the reference >= ``min_agreement``;
 * ``min_accuracy``     optional absolute floor (``--min-accuracy``): also catches a reference that
                        is itself broken, which relative checks cannot;
@@ -16,7 +17,10 @@ artifact x device in it, checks against the FP32 reference of the same run:
                        within ``ni_margin`` of the reference accuracy (``ci``), or McNemar's test
                        does not find the artifact significantly worse (``mcnemar``);
 
-and, with a stored baseline (``--baseline``), against the numbers recorded for the same
+Artifacts that ``edgebrain convert`` rejected or could not build (``convert_summary.json`` beside
+the artifacts, or ``convert_summary``) are subjects with a failed ``conversion`` check.
+
+And, with a stored baseline (``--baseline``), against the numbers recorded for the same
 artifact x device when it was approved:
 
 * ``baseline_accuracy`` accuracy and class-recall drops vs the baseline (same thresholds);
@@ -56,6 +60,7 @@ PASS, FAIL, ERROR, SKIP = "pass", "fail", "error", "skip"
 CHECKS = ("integrity", "accuracy", "class_recall", "agreement", "min_accuracy", "non_inferiority",
           "baseline_accuracy", "latency")
 NI_METHODS = ("off", "ci", "mcnemar")
+CLASS_RULES = ("exact", "threshold")
 # What identifies "the same device" in a baseline: not the hostname (CI runners change names).
 DEVICE_ESSENTIALS = ("arch", "cpu", "cores")
 
@@ -76,6 +81,7 @@ class Thresholds:
     ni_margin: float = 2.0  # pp, for non_inferiority="ci"
     alpha: float = 0.05  # for non_inferiority="mcnemar"
     min_accuracy: float | None = None  # absolute floor (fraction), off by default
+    class_rule: str = "exact"  # exact | threshold: per-class rule where one image > max_class_drop
 
     def validate(self) -> None:
         for name in ("max_drop", "max_class_drop", "ni_margin"):
@@ -90,6 +96,8 @@ class Thresholds:
             raise GateError(f"non-inferiority must be one of {', '.join(NI_METHODS)} (got {self.non_inferiority!r})")
         if not _finite(self.alpha) or not 0.0 < self.alpha < 1.0:
             raise GateError(f"alpha must be between 0 and 1 (got {self.alpha})")
+        if self.class_rule not in CLASS_RULES:
+            raise GateError(f"class-rule must be one of {', '.join(CLASS_RULES)} (got {self.class_rule!r})")
         if self.min_accuracy is not None and (not _finite(self.min_accuracy) or not 0.0 <= self.min_accuracy <= 1.0):
             raise GateError(f"min-accuracy must be a fraction between 0 and 1 (got {self.min_accuracy})")
 
@@ -102,6 +110,8 @@ class Thresholds:
         return [
             ("max accuracy drop", f"{self.max_drop:g} pp"),
             ("max per-class recall drop", f"{self.max_class_drop:g} pp"),
+            ("small classes (an image worth more than that limit)", "exact McNemar test on the paired predictions, "
+             f"fail at p < {self.alpha:g}" if self.class_rule == "exact" else "the pp limit (--class-rule threshold)"),
             ("min top-1 agreement", f"{self.min_agreement:g}"),
             ("min accuracy (absolute)", "off" if self.min_accuracy is None else f"{self.min_accuracy:g}"),
             ("non-inferiority", ni),
@@ -505,6 +515,85 @@ def _check_class_recall(rec: dict[str, Any], ref: dict[str, Any], classes: list[
                  {"drops_pp": drops, "recall": r, "reference_recall": rr})
 
 
+def _class_discordant(rec: dict[str, Any], classes: list[str], sup: dict[str, int], rr: dict[str, float],
+                      r: dict[str, float], what: str) -> dict[str, tuple[int, int, str]]:
+    """Per class: (lost, gained, source). Lost = images of the class the reference got right and the
+    artifact wrong, gained = the opposite. From the paired predictions (bench's ``flips``) when every
+    flip is listed; otherwise from the net change in correct images, taken as all losses and no
+    gains: the least favourable split, which gives the smallest p-value for that change."""
+    flips, n_flips = rec.get("flips"), rec.get("n_flips")
+    out: dict[str, tuple[int, int, str]] = {}
+    complete = (isinstance(flips, list) and _finite(n_flips) and len(flips) == int(n_flips)
+                and all(isinstance(f, dict) and {"true_label", "ref_label", "label"} <= f.keys() for f in flips))
+    for c in classes:
+        net = round((rr[c] - r[c]) * sup[c])
+        if complete:
+            lost = sum(1 for f in flips if f["true_label"] == c and f["ref_label"] == c and f["label"] != c)
+            gained = sum(1 for f in flips if f["true_label"] == c and f["label"] == c and f["ref_label"] != c)
+            if lost - gained != net:
+                raise MissingMetric(f"{what}: the flips of class {c} ({lost} lost, {gained} gained) disagree with "
+                                    f"its recall ({100 * rr[c]:.2f}% -> {100 * r[c]:.2f}% of n={sup[c]})")
+            out[c] = (lost, gained, "paired predictions (flips)")
+        else:
+            out[c] = (max(net, 0), max(-net, 0), "net change in correct images (flips not all listed: counted "
+                                                 "as losses only, the least favourable case)")
+    return out
+
+
+def _mcnemar_greater(lost: int, gained: int) -> float:
+    """One-sided exact McNemar p-value: P(at least ``lost`` of the discordant pairs go against the
+    artifact when either direction is equally likely)."""
+    if lost <= gained:
+        return 1.0
+    from scipy.stats import binomtest
+
+    return float(binomtest(lost, lost + gained, 0.5, alternative="greater").pvalue)
+
+
+def _check_class_recall_rules(rec: dict[str, Any], ref: dict[str, Any], classes: list[str], what: str,
+                              th: Thresholds) -> Check:
+    """Per-class recall. Where one image of a class is worth more than ``max_class_drop`` (a class of
+    50 images: 2 pp per image against a 1 pp limit) the pp limit fails any single changed
+    prediction; with ``class_rule="exact"`` those classes are decided by an exact one-sided McNemar
+    test on the class's paired predictions at ``alpha`` instead. Each class's rule is in
+    ``details["rules"]`` and named in the message."""
+    sup = _supports(ref, classes) or _supports(rec, classes)
+    small = [c for c in classes if th.class_rule == "exact" and sup.get(c, 0) > 0
+             and 100.0 / sup[c] > th.max_class_drop]
+    if not small:
+        return _check_class_recall(rec, ref, classes, what, th)
+    r, rr = _recalls(rec, classes, what), _recalls(ref, classes, "reference")
+    pairs = _class_discordant(rec, small, sup, rr, r, what)
+    drops = {c: _pp(rr[c] - r[c]) for c in classes}
+    rules: dict[str, dict[str, Any]] = {}
+    bad: list[str] = []
+    for c in classes:
+        shift = f"{c} {100 * rr[c]:.2f}% -> {100 * r[c]:.2f}% ({signed(-drops[c])} pp)"
+        if c not in small:
+            rules[c] = {"rule": "threshold", "limit_pp": th.max_class_drop}
+            if drops[c] > th.max_class_drop:
+                bad.append(f"{shift} > {th.max_class_drop:g} pp")
+            continue
+        lost, gained, source = pairs[c]
+        pv = _mcnemar_greater(lost, gained)
+        rules[c] = {"rule": "exact McNemar (one-sided)", "n": sup[c], "one_image_pp": round(100.0 / sup[c], 4),
+                    "lost": lost, "gained": gained, "p_value": pv, "alpha": th.alpha, "pairs": source}
+        if pv < th.alpha:
+            bad.append(f"{shift}: {lost} lost / {gained} gained, exact McNemar p={pv:.3g} < {th.alpha:g}")
+    exact = ", ".join(f"{c} (n={sup[c]}, one image {100.0 / sup[c]:.2f} pp: {rules[c]['lost']} lost / "
+                      f"{rules[c]['gained']} gained, p={rules[c]['p_value']:.3g})" for c in small)
+    rule_msg = (f"exact McNemar at alpha={th.alpha:g} where one image is worth more than the "
+                f"{th.max_class_drop:g} pp limit: {exact}")
+    worst = max(drops, key=lambda c: drops[c])
+    if bad:
+        msg = "recall dropped: " + "; ".join(bad) + f" (rules: {rule_msg}; the {th.max_class_drop:g} pp limit elsewhere)"
+    else:
+        msg = (f"every class passes (worst: {worst} {signed(-drops[worst])} pp); {rule_msg}; the other classes "
+               f"within {th.max_class_drop:g} pp")
+    return Check("class_recall", FAIL if bad else PASS, msg, drops[worst], th.max_class_drop,
+                 {"drops_pp": drops, "recall": r, "reference_recall": rr, "rules": rules})
+
+
 def _check_agreement(rec: dict[str, Any], n: int | None, what: str, th: Thresholds) -> Check:
     a = _num(rec, "agreement", what, 0.0, 1.0)
     ok = a >= th.min_agreement
@@ -710,7 +799,8 @@ def gate(results_json: str | Path, baseline: str | Path | None = None, max_drop:
          max_class_drop: float = 1.0, min_agreement: float = 0.99, max_latency_ratio: float = 1.5,
          non_inferiority: str = "off", ni_margin: float = 2.0, alpha: float = 0.05,
          min_accuracy: float | None = None, artifact_check: bool = True, artifact_root: str | Path | None = None,
-         update_baseline: bool = False, max_unreadable: int = 0) -> GateReport:
+         update_baseline: bool = False, max_unreadable: int = 0, class_rule: str = "exact",
+         convert_summary: str | Path | list[str | Path] | None = None) -> GateReport:
     """Check every artifact x device in a bench ``results.json``; see the module docstring.
 
     With ``update_baseline`` the comparison with the old baseline is skipped and, only when every
@@ -718,7 +808,7 @@ def gate(results_json: str | Path, baseline: str | Path | None = None, max_drop:
     usage errors; everything about the data itself ends up in the report (never raised).
     """
     th = Thresholds(max_drop, max_class_drop, min_agreement, max_latency_ratio, non_inferiority, ni_margin, alpha,
-                    min_accuracy)
+                    min_accuracy, class_rule)
     th.validate()
     if not isinstance(max_unreadable, int) or max_unreadable < 0:
         raise GateError(f"--max-unreadable must be a whole number >= 0, got {max_unreadable!r}")
@@ -805,7 +895,7 @@ def gate(results_json: str | Path, baseline: str | Path | None = None, max_drop:
                                                         "non_inferiority")]
         else:
             s.checks.append(_guard("accuracy", _check_accuracy, rec, ref, int(n) if n else None, what, th))
-            s.checks.append(_guard("class_recall", _check_class_recall, rec, ref, classes, what, th))
+            s.checks.append(_guard("class_recall", _check_class_recall_rules, rec, ref, classes, what, th))
             s.checks.append(_guard("agreement", _check_agreement, rec, int(n) if n else None, what, th))
             s.checks.append(_guard("min_accuracy", _check_min_accuracy, rec, what, th))
             s.checks.append(_guard("non_inferiority", _check_non_inferiority, rec, ref,
@@ -830,6 +920,7 @@ def gate(results_json: str | Path, baseline: str | Path | None = None, max_drop:
         s = Subject(name, str(e.get("device") or "unknown-device"), str(e.get("artifact") or ""), None, None)
         s.checks.append(Check("bench", ERROR, f"bench could not run {name} on {s.device}: {e.get('error', '?')}"))
         report.subjects.append(s)
+    _conversion_failures(report, results, recs, rpath, root, convert_summary)
     for s, rec in zip(report.subjects, recs):
         dev = rec.get("device") if isinstance(rec, dict) else None
         for w in (dev.get("warnings") or []) if isinstance(dev, dict) else []:
@@ -870,6 +961,62 @@ def gate(results_json: str | Path, *args: Any, **kwargs: Any) -> GateReport:
         return report
 
 
+def _summary_paths(recs: list[Any], results_dir: Path, artifact_root: Path | None,
+                   explicit: str | Path | list[str | Path] | None) -> list[tuple[Path, bool]]:
+    """Conversion summaries to read: the ones given, then ``convert_summary.json`` beside each
+    benchmarked artifact folder (``edgebrain convert`` writes it into its ``--out``)."""
+    given = [] if explicit is None else [explicit] if isinstance(explicit, (str, Path)) else list(explicit)
+    out: list[tuple[Path, bool]] = [(Path(p), True) for p in given]
+    seen = {p.resolve() for p, _ in out}
+    for rec in recs:
+        if not isinstance(rec, dict) or not rec.get("artifact"):
+            continue
+        d = _find_artifact_dir(str(rec["artifact"]), results_dir, artifact_root)
+        cand = d.parent / "convert_summary.json" if d is not None else None
+        if cand is not None and cand.is_file() and cand.resolve() not in seen:
+            seen.add(cand.resolve())
+            out.append((cand, False))
+    return out
+
+
+def _conversion_failures(report: GateReport, results: dict[str, Any], recs: list[Any], rpath: Path,
+                         artifact_root: Path | None, explicit: str | Path | list[str | Path] | None) -> None:
+    """Artifacts that ``edgebrain convert`` rejected (verification) or could not build never reach
+    bench, so they are missing from ``results.json``; here each becomes a subject with a failed
+    ``conversion`` check, so no summary (Markdown, JUnit, JSON) reads as a pass without them. A
+    summary given explicitly must exist and belong to the same source model (an error otherwise);
+    one found beside the artifacts that belongs to another model is ignored with a note."""
+    src = source_sha256(results)
+    for path, given in _summary_paths(recs, rpath.parent, artifact_root, explicit):
+        try:
+            s = read_json(path)
+        except Exception as exc:
+            if given:
+                report.errors.append(f"convert summary {path} cannot be read: {exc}")
+            continue
+        if not isinstance(s, dict) or s.get("kind") != "edgebrain-convert-summary":
+            if given:
+                report.errors.append(f"{path} is not an edgebrain convert summary")
+            continue
+        ssha = (s.get("source") or {}).get("sha256") if isinstance(s.get("source"), dict) else None
+        if src and ssha and ssha != src:
+            msg = f"convert summary {path} was converted from another model (source sha256 {str(ssha)[:12]})"
+            (report.errors if given else report.notes).append(msg + ("" if given else "; ignored"))
+            continue
+        for r in s.get("rejected") or []:
+            name = Path(str(r.get("path") or f"{r.get('target')}-{r.get('precision')}")).name.removesuffix(".rejected")
+            sub = Subject(name, "conversion", str(r.get("path") or ""), r.get("target"), r.get("precision"))
+            sub.checks.append(Check("conversion", FAIL, f"rejected at conversion by verification: "
+                                    f"{r.get('reason', '?')} (see {path})", details={"summary": str(path)}))
+            report.subjects.append(sub)
+        for f in s.get("failed") or []:
+            sub = Subject(f"{f.get('target')}-{f.get('precision')}", "conversion", "", f.get("target"),
+                          f.get("precision"))
+            sub.checks.append(Check("conversion", FAIL, f"could not be converted: {f.get('error', '?')} (see {path})",
+                                    details={"summary": str(path)}))
+            report.subjects.append(sub)
+
+
 def _resolution_notes(report: GateReport, recs: list[Any], ref: dict[str, Any], classes: list[str],
                       th: Thresholds) -> None:
     """Say when one image is worth more than a threshold (small test sets)."""
@@ -885,7 +1032,9 @@ def _resolution_notes(report: GateReport, recs: list[Any], ref: dict[str, Any], 
         report.notes.append(
             "one image is worth more than the class-recall threshold here: "
             + ", ".join(f"{c} {v:.2f} pp (n={sup[c]})" for c, v in coarse.items())
-            + "; a single changed prediction in these classes fails the gate")
+            + ("; their recall is decided by an exact McNemar test on the paired predictions instead "
+               f"(fails at p < {th.alpha:g}; --class-rule threshold keeps the pp limit)" if th.class_rule == "exact"
+               else "; a single changed prediction in these classes fails the gate (--class-rule threshold)"))
     n = report.data.get("n")
     if _finite(n) and n > 0 and 100.0 / n > th.max_drop:
         report.notes.append(f"one image is {100.0 / n:.2f} pp of accuracy (n={n}) > max drop {th.max_drop:g} pp")

@@ -90,6 +90,10 @@ def _command_line() -> str | None:
 @click.option("--unsafe", is_flag=True, help="Allow Lambda layers / arbitrary code in the model file.")
 @click.option("--overwrite", is_flag=True, help="Replace existing artifact folders.")
 @click.option("--threads", type=int, default=None, help="Threads for the verification runners.")
+@click.option("--time-budget", type=float, default=None, metavar="SECONDS",
+              help="Wall-clock budget for the whole run. When it is spent, the int8 search, its fallbacks and "
+                   "NNCF accuracy control stop and the best build verified so far is kept; targets not yet "
+                   "started are reported as failed (default: no limit).")
 # target options (defaults live with each target; see docs/convert.md)
 @click.option("--tflite-io", type=click.Choice(["float", "int8"]), default=None,
               help="TFLite int8 input/output type (default float).")
@@ -214,13 +218,18 @@ def _fmt_mb(n: Any) -> str:
     return f"{n / 1e6:.2f} MB" if isinstance(n, (int, float)) else "-"
 
 
+def _fmt_peak(mb: Any) -> str:
+    return f"{mb / 1024:.2f} GB" if isinstance(mb, (int, float)) else "-"
+
+
 def _print(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     con = Console()
     t = Table(title=f"edgebrain convert: {summary['source']['path']}")
-    for col in ("artifact", "status", "size", "gzip", "agreement", "max |dp|", "int8 ops", "float ops"):
+    for col in ("artifact", "status", "size", "gzip", "agreement", "max |dp|", "int8 ops", "float ops",
+                "peak RSS"):
         t.add_column(col, justify="left" if col in ("artifact", "status") else "right")
     for r in summary["artifacts"]:
         v = r.get("verification") or {}
@@ -230,8 +239,12 @@ def _print(summary: dict[str, Any]) -> None:
         t.add_row(r["path"], {"ok": "[green]ok[/]", "kept": "[green]kept[/]"}.get(r["status"], "[red]REJECTED[/]"),
                   _fmt_mb(r.get("size_bytes")), _fmt_mb(r.get("gzip_bytes")),
                   "-" if ag is None else f"{ag:.4f}", "-" if dp is None else f"{dp:.2e}",
-                  str(ops.get("int8_ops", "-")), str(ops.get("float_ops", "-")))
+                  str(ops.get("int8_ops", "-")), str(ops.get("float_ops", "-")),
+                  _fmt_peak((r.get("memory") or {}).get("peak_rss_mb")))
     con.print(t)
+    mem = summary.get("memory") or {}
+    if mem.get("peak_rss_mb") is not None:
+        con.print(f"peak memory (RSS) of the run: {_fmt_peak(mem['peak_rss_mb'])}", markup=False)
     for s in summary["skipped"]:
         con.print(f"[yellow]skipped[/] {s['target']} {s['precision']}: {s['reason']}", markup=True)
     for f in summary["failed"]:

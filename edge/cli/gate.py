@@ -89,6 +89,13 @@ def _print(report: object) -> None:
               help="Max worst accuracy drop under the bench --robustness suite, pp [default: off].")
 @click.option("--max-robustness-extra-drop", type=float, default=None,
               help="Max extra drop vs the reference under any perturbation of the suite, pp [default: off].")
+@click.option("--class-rule", type=click.Choice(["exact", "threshold"]), default="exact", show_default=True,
+              help="Classes where one image is worth more than --max-class-drop: decide their recall with an exact "
+                   "one-sided McNemar test on the paired predictions at --alpha (exact), or keep the pp limit, which "
+                   "then fails on a single changed prediction (threshold).")
+@click.option("--convert-summary", "convert_summaries", multiple=True, type=click.Path(path_type=Path),
+              help="A convert_summary.json whose rejected or failed artifacts count as failures (repeatable). "
+                   "Summaries beside the benchmarked artifact folders are read without this.")
 @click.option("--no-artifact-check", is_flag=True,
               help="Do not re-hash the artifact folders named in the results (gate on the numbers alone).")
 @click.option("--artifact-root", type=click.Path(path_type=Path), default=None,
@@ -105,8 +112,9 @@ def command(results: Path, baseline: Path | None, update_baseline: bool, max_dro
             max_class_drop: float | None, min_agreement: float | None, min_accuracy: float | None,
             max_latency_ratio: float | None,
             non_inferiority: str, ni_margin: float, alpha: float, max_robustness_drop: float | None,
-            max_robustness_extra_drop: float | None, no_artifact_check: bool, artifact_root: Path | None,
-            max_unreadable: int, junit: Path | None, summary: Path | None, json_out: Path | None) -> None:
+            max_robustness_extra_drop: float | None, class_rule: str, convert_summaries: tuple[Path, ...],
+            no_artifact_check: bool, artifact_root: Path | None, max_unreadable: int, junit: Path | None,
+            summary: Path | None, json_out: Path | None) -> None:
     """Fail when an artifact in a bench RESULTS.json is less accurate than the FP32 reference.
 
     For every artifact x device: overall accuracy drop, every class's recall drop, top-1
@@ -133,6 +141,7 @@ def command(results: Path, baseline: Path | None, update_baseline: bool, max_dro
             max_latency_ratio=D_MAX_LATENCY_RATIO if max_latency_ratio is None else max_latency_ratio,
             non_inferiority=non_inferiority, ni_margin=ni_margin, alpha=alpha, min_accuracy=min_accuracy,
             artifact_check=not no_artifact_check, artifact_root=artifact_root, update_baseline=update_baseline,
+            class_rule=class_rule, convert_summary=list(convert_summaries) or None,
             max_unreadable=max_unreadable,
         )
         check_robustness(report, max_robustness_drop, max_robustness_extra_drop)
