@@ -54,7 +54,7 @@ def _run(cmd: list[str], log: Path, timeout: float) -> tuple[int, float]:
 
 def _last_error(log: Path) -> str:
     lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()]
-    keys = ("error", "failed", "rejected", "not offered", "refused", "Error")
+    keys = ("error", "failed", "rejected", "skipped", "refused", "Error")
     hits = [ln for ln in lines if any(k in ln for k in keys) and "cuInit" not in ln and "absl" not in ln]
     return " | ".join(hits[-3:])[:400]
 
