@@ -111,7 +111,7 @@ def preprocess(name: str, x_uint8: np.ndarray) -> np.ndarray:
 
 
 def fit_briefly(model: Any, name: str, x_uint8: np.ndarray, y: np.ndarray, epochs: int = 3,
-                batch: int = 32, lr: float = 1e-3, seed: int = 0) -> dict[str, float]:
+                batch: int = 32, lr: float = 2e-3, seed: int = 0) -> dict[str, float]:
     """A few epochs of Adam on real images. BatchNorm momentum is lowered first so that the
     moving statistics (what inference uses) follow the data within those few steps."""
     k = model.__class__.__module__.split(".")[0]
@@ -204,8 +204,18 @@ def build_family(name: str, size: int, out: Path, data_dir: str | Path | None, *
                  layouts: tuple[str, ...] = LAYOUTS, onnx: tuple[dict[str, Any], ...] = ()) -> list[ZooEntry]:
     """Every requested file of one architecture, sharing one (briefly fitted, if ``data_dir``) set
     of weights: Keras 3 / tf-keras ``.keras`` and SavedModel, nested and flat, plus ONNX exports
-    (dicts of :func:`export_onnx` keyword arguments)."""
+    (dicts of :func:`export_onnx` keyword arguments). Files already in ``out`` from the same recipe
+    (``out/<name>-fit.json``) are reused."""
+    import json
+
+    recipe = {"size": size, "fit": data_dir is not None, "per_class": fit_per_class, "epochs": epochs}
+    planned = _planned(name, size, out, formats, layouts, onnx)
+    fit_file = out / f"{name}-fit.json"
+    if fit_file.is_file() and json.loads(fit_file.read_text()).get("recipe") == recipe \
+            and all(e.path.exists() for e in planned):
+        return planned
     ref = build(name, size, "keras3", "nested")
+    stats: dict[str, float] = {}
     if data_dir is not None:
         x, y = real_images(data_dir, size, fit_per_class)
         stats = fit_briefly(ref, name, x, y, epochs=epochs)
@@ -232,4 +242,21 @@ def build_family(name: str, size: int, out: Path, data_dir: str | Path | None, *
         p = export_onnx(ref, out / eid / f"{name}.onnx", **kw)
         entries.append(ZooEntry(eid, name, p, arch.preprocess, size, "onnx",
                                 note=f"input {kw.get('input_name', 'pixel_values')}"))
+    out.mkdir(parents=True, exist_ok=True)
+    fit_file.write_text(json.dumps({"recipe": recipe, "fit": stats}))
     return entries
+
+
+def _planned(name: str, size: int, out: Path, formats: tuple[str, ...], layouts: tuple[str, ...],
+             onnx: tuple[dict[str, Any], ...]) -> list[ZooEntry]:
+    """The entries :func:`build_family` writes (paths as it names them)."""
+    arch = ZOO[name]
+    size_of = {"keras3": "model.keras", "tf-keras": "model.keras", "savedmodel": "saved_model"}
+    es = [ZooEntry(f"{name}-{f}-{lay}", name, out / f"{name}-{f}-{lay}" / size_of[f], arch.preprocess, size, f)
+          for f in formats for lay in layouts]
+    for kw in onnx:
+        eid = (f"{name}-onnx-{'nchw' if kw.get('nchw') else 'nhwc'}-"
+               f"{'dynbatch' if kw.get('dynamic_batch', True) else 'batch1'}")
+        es.append(ZooEntry(eid, name, out / eid / f"{name}.onnx", arch.preprocess, size, "onnx",
+                           note=f"input {kw.get('input_name', 'pixel_values')}"))
+    return es
