@@ -300,6 +300,7 @@ def _free_batch(m: Any, p: Path, workdir: Path | None, notes: dict[str, Any], fi
         if len(dims) and dims[0].HasField("dim_value"):
             dims[0].dim_param = "N"
     del g.value_info[:]  # shapes recorded with the fixed batch; onnxruntime infers them again
+    reshapes = _free_reshape_batch(g, fixed)
     out = Path(workdir) / "source-nhwc.onnx"
     import onnx
 
@@ -313,15 +314,46 @@ def _free_batch(m: Any, p: Path, workdir: Path | None, notes: dict[str, Any], fi
         one = np.concatenate([sess.run(None, {name: x[i:i + 1]})[0] for i in range(2)])
         ok = both.shape == one.shape and np.allclose(both, one, atol=1e-4)
     except Exception as exc:
-        ok, why = False, f"{type(exc).__name__}: {str(exc)[:200]}"
+        ok, why = False, f"{type(exc).__name__}: {str(exc).split('Status Message:')[0][-300:]}"
     else:
         why = "batch of 2 differs from two batches of 1"
     if not ok:
         raise ModelError(f"{p}: the model's batch size is fixed at {fixed} and it cannot run other batch sizes "
                          f"({why}); export it with a dynamic batch dimension (e.g. tf2onnx / torch.onnx "
                          "dynamic_axes) and convert that file")
-    notes["batch"] = f"fixed at {fixed} in the file; made free (checked against single images)"
+    notes["batch"] = (f"fixed at {fixed} in the file; made free (checked against single images)"
+                      + (f"; {reshapes} Reshape target shape(s) take the batch from their input" if reshapes else ""))
     return out
+
+
+def _free_reshape_batch(g: Any, fixed: int) -> int:
+    """Reshape nodes whose constant target shape starts with the fixed batch (exporters bake it in,
+    e.g. [1, C, 1, 1]) get 0 there instead: "copy the input's dimension" in ONNX. -> how many.
+    Whether that is right for every such node is checked by the caller (batch vs single images)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in g.initializer}
+    live = {g.input[0].name}  # tensors computed from the image (the rest are weights and constants)
+    for node in g.node:  # ONNX graphs are topologically sorted
+        if any(i in live for i in node.input):
+            live.update(node.output)
+    n = 0
+    for node in g.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in inits \
+                or node.input[0] not in live:
+            continue
+        if any(a.name == "allowzero" and a.i for a in node.attribute):
+            continue
+        shape = numpy_helper.to_array(inits[node.input[1]])
+        if shape.ndim != 1 or len(shape) < 2 or int(shape[0]) != fixed:
+            continue
+        new = shape.copy()
+        new[0] = 0
+        name = f"{node.input[1]}_free_batch_{n}"
+        g.initializer.append(numpy_helper.from_array(new, name))
+        node.input[1] = name
+        n += 1
+    return n
 
 
 def _output_dim(model: Any) -> int | None:
