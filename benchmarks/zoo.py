@@ -161,6 +161,13 @@ the source on the validation split at conversion (n images), the figure the 99 %
 ops of the written model; OpenVINO: the ops the compiled model runs in i8/u8 vs f32); *size ratio*: the model file against the same
 target's fp32 file; *predict*: exit status of `edgebrain predict`. 2-core shared host (heavily
 loaded while this ran: no timings here).
+
+"rejected" is the outcome `convert` gives when an int8 artifact cannot meet the 99 % agreement bar:
+the command names the artifact and its agreement, exits 1 and moves it to `<name>.rejected`. The
+briefly fitted nets have small class margins (see the source accuracy), so int8 rounding flips more
+of their predictions than it does on trained models; these rows say the pipeline handles the
+layout, not what int8 costs a trained network of that architecture. A row "no: ..." quotes the
+reason `convert` printed.
 """
 
 
