@@ -12,8 +12,9 @@ from edgebrain.converters.source import load_source
 from edgebrain.errors import ModelError
 
 
-def _batch1_onnx(path: Path, nchw: bool, reshape: bool) -> Path:
-    """Conv -> ReLU -> GAP -> (Flatten | Reshape to [1, 8]) -> Gemm, input 'input.1' of batch 1."""
+def _batch1_onnx(path: Path, nchw: bool, tail: str) -> Path:
+    """Conv -> ReLU -> GAP -> (Flatten | Reshape to [1, 8] | Squeeze the batch away and Unsqueeze it
+    back, as tf2onnx writes batch-1 graphs) -> Gemm, input 'input.1' of batch 1."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -28,8 +29,13 @@ def _batch1_onnx(path: Path, nchw: bool, reshape: bool) -> Path:
     nodes += [helper.make_node("Conv", [x, "w", "b"], ["c"], pads=[1, 1, 1, 1]),
               helper.make_node("Relu", ["c"], ["r"]),
               helper.make_node("GlobalAveragePool", ["r"], ["g"]),
-              helper.make_node("Reshape", ["g", "shape"], ["f"]) if reshape else helper.make_node("Flatten", ["g"], ["f"]),
+              *{"flatten": [helper.make_node("Flatten", ["g"], ["f"])],
+                "reshape": [helper.make_node("Reshape", ["g", "shape"], ["f"])],
+                "squeeze": [helper.make_node("Squeeze", ["g", "axes"], ["s"]),
+                            helper.make_node("Unsqueeze", ["s", "ax0"], ["f"])]}[tail],
               helper.make_node("Gemm", ["f", "fc", "fb"], ["logits"])]
+    inits += [numpy_helper.from_array(np.array([0, 2, 3], np.int64), "axes"),
+              numpy_helper.from_array(np.array([0], np.int64), "ax0")]
     shape = [1, 3, 32, 32] if nchw else [1, 32, 32, 3]
     g = helper.make_graph(nodes, "b1", [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, shape)],
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])], inits)
@@ -39,11 +45,12 @@ def _batch1_onnx(path: Path, nchw: bool, reshape: bool) -> Path:
     return path
 
 
-@pytest.mark.parametrize("nchw", [False, True])
-def test_fixed_batch_onnx_source_runs_batches(tmp_path: Path, nchw: bool) -> None:
-    src = load_source(_batch1_onnx(tmp_path / "m.onnx", nchw, reshape=False), preprocess="rescale",
+@pytest.mark.parametrize("nchw,tail", [(False, "flatten"), (True, "flatten"), (True, "reshape")])
+def test_fixed_batch_onnx_source_runs_batches(tmp_path: Path, nchw: bool, tail: str) -> None:
+    src = load_source(_batch1_onnx(tmp_path / "m.onnx", nchw, tail), preprocess="rescale",
                       classes=["glioma", "meningioma", "notumor", "pituitary"], workdir=tmp_path)
     assert "fixed at 1" in src.notes["batch"] and src.input_shape == [32, 32, 3]
+    assert ("1 Reshape target shape(s)" in src.notes["batch"]) is (tail == "reshape")
     x = np.random.default_rng(1).uniform(0, 1, (5, 32, 32, 3)).astype(np.float32)
     together = src.predict(x)
     alone = np.concatenate([src.predict(x[i:i + 1]) for i in range(5)])
@@ -52,5 +59,5 @@ def test_fixed_batch_onnx_source_runs_batches(tmp_path: Path, nchw: bool) -> Non
 
 def test_fixed_batch_that_cannot_change_is_refused_with_the_way_out(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="batch size is fixed at 1.*dynamic batch"):
-        load_source(_batch1_onnx(tmp_path / "m.onnx", nchw=True, reshape=True), preprocess="rescale",
+        load_source(_batch1_onnx(tmp_path / "m.onnx", nchw=True, tail="squeeze"), preprocess="rescale",
                     classes=["glioma", "meningioma", "notumor", "pituitary"], workdir=tmp_path)
