@@ -171,13 +171,29 @@ reason `convert` printed.
 """
 
 
+def _results(out: Path) -> list[dict[str, Any]]:
+    """Finished entries (OUT/results), then entries still converting when the table is written
+    (their artifacts so far; bench and predict not run yet)."""
+    done = [json.loads(rj.read_text()) for rj in sorted((out / "results").glob("*.json"))]
+    ids = {r["id"] for r in done}
+    for folder in sorted((out / "artifacts").glob("*")):
+        if folder.name in ids or not folder.is_dir():
+            continue
+        arts = _artifacts(folder)
+        rows = [_row(n, m, arts.get(f"{m['target']}-fp32")) for n, m in arts.items()]
+        kind = "onnx" if "-onnx-" in folder.name else folder.name.split("-")[1]
+        size = next((m["input_shape"][0] for m in arts.values()), "?")
+        done.append({"id": folder.name, "kind": kind, "size": size, "rows": rows, "predict": {},
+                     "convert": {"error": "still converting when this table was written"}})
+    return done
+
+
 def table(out: Path) -> str:
     lines = ["| zoo model | source | target | precision | converted | source accuracy (val) | "
              "verified agreement (val, n) | bench agreement (Testing subset) | int8 ops share | size ratio vs fp32 | "
              "predict |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for rj in sorted((out / "results").glob("*.json")):
-        r = json.loads(rj.read_text())
+    for r in _results(out):
         rows = {(x["target"], x["precision"]): x for x in r.get("rows", [])}
         bench = (r.get("bench") or {}).get("agreement") or {}
         for t in TARGETS:
@@ -195,7 +211,7 @@ def table(out: Path) -> str:
                              f"({x['verify_n']}) | {_pct(bench.get(name))} | {_pct(x['int8_ops_share'])} | "
                              + (f"{x['size_ratio']:.3f}" if x["size_ratio"] else "-")
                              + f" | {'ok' if pr == 0 else pr} |")
-    cmds = sorted({json.loads(rj.read_text()).get("zoo_command", "") for rj in (out / "results").glob("*.json")})
+    cmds = sorted({r.get("zoo_command", "") for r in _results(out)})
     run = ["Commands (each run resumes into the same OUT; the table is assembled from OUT/results):", "",
            *[f"    {c}" for c in cmds if c], ""]
     return "\n".join([HEADER, *run, *lines, ""])
