@@ -211,9 +211,15 @@ def table(out: Path) -> str:
                              f"({x['verify_n']}) | {_pct(bench.get(name))} | {_pct(x['int8_ops_share'])} | "
                              + (f"{x['size_ratio']:.3f}" if x["size_ratio"] else "-")
                              + f" | {'ok' if pr == 0 else pr} |")
-    cmds = sorted({r.get("zoo_command", "") for r in _results(out)})
+    log = out / "commands.txt"  # every run's command line, appended at its start
+    cmds = sorted({r.get("zoo_command", "") for r in _results(out)}
+                  | set(log.read_text().splitlines() if log.is_file() else []))
     run = ["Commands (each run resumes into the same OUT; the table is assembled from OUT/results):", "",
            *[f"    {c}" for c in cmds if c], ""]
+    seen = {r["id"].split("-")[0] for r in _results(out)}
+    todo = [n for n in Z.ZOO if n not in seen]
+    if todo:
+        lines += ["", f"Not run yet in OUT (no row above): {', '.join(todo)}."]
     return "\n".join([HEADER, *run, *lines, ""])
 
 
@@ -241,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     command = ".venv/bin/python benchmarks/zoo.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     if not a.table_only:
         (out / "results").mkdir(parents=True, exist_ok=True)
+        with open(out / "commands.txt", "a") as fh:
+            fh.write(command + "\n")
         for name in a.models.split(","):
             for e in family(a, name, out):
                 rp = out / "results" / f"{e.id}.json"
