@@ -153,8 +153,13 @@ class Target(ABC):
 def equalized_source(ctx: BuildContext) -> tuple[Source, dict[str, Any]]:
     """``ctx.source`` after cross-layer equalisation of its depthwise -> pointwise pairs, checked on
     the first 32 calibration images, and the manifest block that says so."""
+    from edgebrain.errors import ModelError
+
     probe = ctx.calib().x[:32] if ctx.calibration is not None else None
-    eq, rep = ctx.source.equalized(probe)
+    try:
+        eq, rep = ctx.source.equalized(probe)
+    except ModelError as exc:  # an optional optimisation: the build goes on without it
+        return ctx.source, {"method": "cross-layer equalisation", "applied": False, "reason": str(exc)}
     spreads = [(r["spread_before"], r["spread_after"]) for r in rep["layers"]]
     block = {"method": "cross-layer equalisation of depthwise -> pointwise pairs (Nagel et al. 2019); "
                        "the float model is unchanged",
@@ -163,7 +168,8 @@ def equalized_source(ctx: BuildContext) -> tuple[Source, dict[str, Any]]:
                                          "after_median": float(np.median([a for _, a in spreads])),
                                          "before_max": float(max(b for b, _ in spreads)),
                                          "after_max": float(max(a for _, a in spreads))} if spreads else None),
-             "max_abs_dp_vs_source": rep.get("max_abs_dp_vs_source")}
+             "max_abs_dp_vs_source": rep.get("max_abs_dp_vs_source"),
+             "skipped": rep.get("skipped", [])}
     return eq, block
 
 
@@ -190,6 +196,10 @@ def weight_scales(ctx: BuildContext, option: str, per_tensor_without_depthwise: 
                       "values differently and the int8 file would compress worse)")
     if dw and ctx.options.get("equalize", "auto") is False:
         return True, f"auto: per-channel ({dw} depthwise/separable convolution layer(s), no equalisation)"
+    left = unequalizable(ctx.source.model) if dw else []
+    if left:
+        return True, (f"auto: per-channel ({len(left)} of {dw} depthwise/separable convolution layer(s) cannot be "
+                      f"cross-layer equalised, e.g. {left[0]['layer']}: {left[0]['reason']})")
     return False, ("auto: per-tensor ("
                    + (f"{dw} depthwise/separable convolution layer(s), cross-layer equalised; " if dw else
                       "no depthwise convolution; ")
@@ -209,6 +219,13 @@ def equalize_wanted(ctx: BuildContext, per_channel: bool) -> bool:
     if str(opt).lower() != "auto":
         raise ConversionError(f"equalize must be true, false or auto, got {opt!r}")
     return not per_channel and depthwise_layers(ctx.source.model) > 0
+
+
+def unequalizable(model: Any) -> list[dict[str, str]]:
+    """The depthwise layers of a Keras model that cross-layer equalisation leaves alone, with why."""
+    from .equalize import equalization_plan
+
+    return list(equalization_plan(model)["skipped"])
 
 
 def depthwise_layers(model: Any) -> int:

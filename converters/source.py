@@ -260,7 +260,10 @@ def _onnx_nhwc(p: Path, workdir: Path | None) -> tuple[Path, list[int], dict[str
     if dims[3] in (1, 3) and dims[1] not in (1, 3):
         if None in dims[1:]:
             raise ModelError(f"{p}: the input's height/width are not fixed ({dims})")
-        return p, [int(dims[1]), int(dims[2]), int(dims[3])], {"layout": "NHWC"}
+        notes: dict[str, Any] = {"layout": "NHWC"}
+        if dims[0] is not None:
+            return _free_batch(m, p, workdir, notes, int(dims[0])), [int(dims[1]), int(dims[2]), int(dims[3])], notes
+        return p, [int(dims[1]), int(dims[2]), int(dims[3])], notes
     if dims[1] in (1, 3) and None not in dims[2:]:
         if workdir is None:
             raise ModelError(f"{p}: NCHW input needs a work folder to rewrite")
@@ -274,10 +277,83 @@ def _onnx_nhwc(p: Path, workdir: Path | None) -> tuple[Path, list[int], dict[str
         graph.input.remove(inp)
         graph.input.insert(0, new_in)
         graph.node.insert(0, tr)
+        notes = {"layout": "NCHW (a Transpose to NHWC was added at the input)"}
+        if batch.HasField("dim_value") and batch.dim_value:
+            return _free_batch(m, p, workdir, notes, int(batch.dim_value)), [h, w, c], notes
         out = Path(workdir) / "source-nhwc.onnx"
         onnx.save(m, str(out))
-        return out, [h, w, c], {"layout": "NCHW (a Transpose to NHWC was added at the input)"}
+        return out, [h, w, c], notes
     raise ModelError(f"{p}: cannot tell the input layout from shape {dims}")
+
+
+def _free_batch(m: Any, p: Path, workdir: Path | None, notes: dict[str, Any], fixed: int) -> Path:
+    """An ONNX graph whose batch is fixed (e.g. 1) with the batch made free, so that calibration,
+    verification and the runners can feed batches; checked against one image at a time. A graph that
+    cannot run another batch size (a reshape to the fixed batch, say) is refused with what to do."""
+    import onnxruntime as ort
+
+    if workdir is None:
+        raise ModelError(f"{p}: a fixed-batch ONNX model needs a work folder to rewrite")
+    g = m.graph
+    for v in list(g.input[:1]) + list(g.output):
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) and dims[0].HasField("dim_value"):
+            dims[0].dim_param = "N"
+    del g.value_info[:]  # shapes recorded with the fixed batch; onnxruntime infers them again
+    reshapes = _free_reshape_batch(g, fixed)
+    out = Path(workdir) / "source-nhwc.onnx"
+    import onnx
+
+    onnx.save(m, str(out))
+    try:
+        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        shape = [int(d) for d in sess.get_inputs()[0].shape[1:]]
+        x = np.random.default_rng(0).uniform(-1, 1, (2, *shape)).astype(np.float32)
+        both = sess.run(None, {name: x})[0]
+        one = np.concatenate([sess.run(None, {name: x[i:i + 1]})[0] for i in range(2)])
+        ok = both.shape == one.shape and np.allclose(both, one, atol=1e-4)
+    except Exception as exc:
+        ok, why = False, f"{type(exc).__name__}: {str(exc).split('Status Message:')[0][-300:]}"
+    else:
+        why = "batch of 2 differs from two batches of 1"
+    if not ok:
+        raise ModelError(f"{p}: the model's batch size is fixed at {fixed} and it cannot run other batch sizes "
+                         f"({why}); export it with a dynamic batch dimension (e.g. tf2onnx / torch.onnx "
+                         "dynamic_axes) and convert that file")
+    notes["batch"] = (f"fixed at {fixed} in the file; made free (checked against single images)"
+                      + (f"; {reshapes} Reshape target shape(s) take the batch from their input" if reshapes else ""))
+    return out
+
+
+def _free_reshape_batch(g: Any, fixed: int) -> int:
+    """Reshape nodes whose constant target shape starts with the fixed batch (exporters bake it in,
+    e.g. [1, C, 1, 1]) get 0 there instead: "copy the input's dimension" in ONNX. -> how many.
+    Whether that is right for every such node is checked by the caller (batch vs single images)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in g.initializer}
+    live = {g.input[0].name}  # tensors computed from the image (the rest are weights and constants)
+    for node in g.node:  # ONNX graphs are topologically sorted
+        if any(i in live for i in node.input):
+            live.update(node.output)
+    n = 0
+    for node in g.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in inits \
+                or node.input[0] not in live:
+            continue
+        if any(a.name == "allowzero" and a.i for a in node.attribute):
+            continue
+        shape = numpy_helper.to_array(inits[node.input[1]])
+        if shape.ndim != 1 or len(shape) < 2 or int(shape[0]) != fixed:
+            continue
+        new = shape.copy()
+        new[0] = 0
+        name = f"{node.input[1]}_free_batch_{n}"
+        g.initializer.append(numpy_helper.from_array(new, name))
+        node.input[1] = name
+        n += 1
+    return n
 
 
 def _output_dim(model: Any) -> int | None:

@@ -130,7 +130,8 @@ class TFLiteTarget(Target):
 
     def unsupported(self, precision: str, source_format: str) -> str | None:
         if source_format == "onnx" and precision in self.precisions:
-            return "an ONNX source converts to the onnx and openvino targets only (no ONNX -> TFLite path)"
+            return ("an ONNX source converts to the onnx and openvino targets only (no ONNX -> TFLite path): "
+                    "give the original Keras model (.keras / SavedModel) for a TFLite artifact")
         return super().unsupported(precision, source_format)
 
     def int8_fallbacks_for(self, ctx: BuildContext) -> list[dict[str, Any]]:

@@ -199,7 +199,26 @@ def _detect_hw(path: Path) -> tuple[int, int] | None:
     return None
 
 
+def _refuse_nchw_onnx(path: Path) -> None:
+    """The edge runners feed NHWC images: a raw NCHW ONNX file is refused with the way out."""
+    if path.suffix.lower() != ".onnx":
+        return
+    try:
+        import onnx
+
+        m = onnx.load(str(path), load_external_data=False)
+        inits = {i.name for i in m.graph.initializer}
+        inp = next(i for i in m.graph.input if i.name not in inits)
+        dims = [d.dim_value or None for d in inp.type.tensor_type.shape.dim]
+    except Exception:
+        return  # unreadable here: the runner says why
+    if len(dims) == 4 and dims[1] in (1, 3) and dims[3] not in (1, 3):
+        raise BenchError(f"{path}: input {inp.name!r} is NCHW {dims}; the edge runners feed NHWC images. Run "
+                         "`edgebrain convert` on it first (it adds a transpose at the input and writes a manifest)")
+
+
 def _spec_for_raw(path: Path, preprocess: str | None, input_size: int | None, what: str) -> PreprocessSpec:
+    _refuse_nchw_onnx(path)
     if not preprocess:
         raise BenchError(f"{path}: a {what} without a manifest needs --preprocess (e.g. rescale, caffe, "
                          "xception, imagenet or meanstd:M,M,M/S,S,S) and --classes")

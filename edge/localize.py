@@ -17,6 +17,7 @@ Heatmaps are float32 (H, W) in [0, 1] at the model's input size; boxes are
 from __future__ import annotations
 
 import io
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -265,10 +266,12 @@ def gradcam(model: Any, image: np.ndarray, spec: Any, class_index: int, layer: s
     (the input of a final softmax Dense layer) when the model ends in one, else of the
     probability. ``layer`` defaults to the last layer with a 4-D output.
     """
-    from .tfenv import import_tf, keras
+    import importlib
+
+    from .tfenv import import_tf
 
     tf = import_tf()
-    K = keras()
+    K = importlib.import_module(type(model).__module__.split(".")[0])  # tf_keras or Keras 3: the model's own
     t0 = time.perf_counter()
     name = layer or _last_conv_layer(model)
     last = model.layers[-1]
@@ -494,6 +497,9 @@ def explain(predictor: Any, x: Any, budget_s: float = 10.0, patch: float | int =
         ref_small = resize_rgb(original, predictor.size, spec.resize)
         res.reference = occlusion(keras_prob_fn(reference, spec), ref_small, pred.index, patch=occ.params["patch"],
                                   batch=batch, positions=occ.positions, class_name=pred.label)
-        res.gradcam = gradcam(reference, ref_small, spec, pred.index, layer=gradcam_layer, class_name=pred.label)
+        try:
+            res.gradcam = gradcam(reference, ref_small, spec, pred.index, layer=gradcam_layer, class_name=pred.label)
+        except ValueError as exc:  # e.g. the conv layers are inside a nested base model: the maps go on without it
+            logging.getLogger(__name__).warning("Grad-CAM of the reference skipped: %s", exc)
     res.drift = saliency_drift(occ, res.reference)
     return res

@@ -46,11 +46,11 @@ def _load_reference(path: Path, threads: int | None, want_size: tuple[int, int])
         size = tuple(ref.size)
     elif path.suffix in (".keras", ".h5", ".hdf5") or path.is_dir():
         try:
-            from ..models import load_keras_model
+            from ..converters.source import load_keras
         except ImportError as exc:
             raise FatalError(f"--explain-reference {path}: a Keras model needs the full install "
                              f"(TensorFlow): pip install 'edgebrain[full]' ({exc})") from exc
-        ref = load_keras_model(path)
+        ref = load_keras(path)[1]  # tf-keras or Keras 3
         size = tuple(int(d) for d in ref.input_shape[1:3])
     else:
         raise FatalError(f"--explain-reference {path}: expected an artifact folder or a .keras model")
@@ -81,16 +81,24 @@ def _load_reference(path: Path, threads: int | None, want_size: tuple[int, int])
 @click.option("--verify-with", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Ed25519 public key (PEM or ssh-ed25519): refuse the artifact unless its manifest is signed "
                    "by this key (convert --sign).")
+@click.option("--preprocess", default=None,
+              help="For a raw .tflite/.onnx/.xml file without a manifest: rescale | xception | caffe | imagenet | "
+                   "meanstd:M,M,M/S,S,S.")
+@click.option("--classes", default=None,
+              help="For a raw model file: class names in output order, comma-separated.")
+@click.option("--input-size", type=click.IntRange(min=1), default=None,
+              help="For a raw model file whose input size is dynamic.")
 @ct_options("the MRI files", "the IMAGE_OR_DIR folder")
 def command(artifact: Path, images: tuple[Path, ...], as_json: bool, top_k: int, threads: int | None,
             no_recursive: bool, explain_dir: Path | None, explain_budget_s: float, explain_patch: float,
-            explain_reference: Path | None, verify_with: Path | None, ct_dir: Path | None,
-            ct_csv: Path | None) -> None:
+            explain_reference: Path | None, verify_with: Path | None, preprocess: str | None, classes: str | None,
+            input_size: int | None, ct_dir: Path | None, ct_csv: Path | None) -> None:
     """Classify IMAGE_OR_DIR... (JPEG, PNG, BMP, TIFF or DICOM; greyscale or RGB; any size) with
     the edge ARTIFACT, without TensorFlow. Folders are walked for image files.
 
     The input size, preprocessing and class names come from the artifact's manifest, whose
-    hashes are checked first. Prints label, probabilities and latency (decode + preprocess +
+    hashes are checked first (a raw .tflite/.onnx/.xml file without one needs --preprocess and
+    --classes, and --input-size when its input size is dynamic). Prints label, probabilities and latency (decode + preprocess +
     inference) per image. A file that cannot be read is reported by name and the others go on.
 
     \b
@@ -107,7 +115,8 @@ def command(artifact: Path, images: tuple[Path, ...], as_json: bool, top_k: int,
     from ..progress import track
 
     try:
-        predictor = Predictor(artifact, threads=threads, top_k=top_k, verify_with=verify_with)
+        predictor = Predictor(_artifact_or_raw(artifact, preprocess, classes, input_size), threads=threads,
+                              top_k=top_k, verify_with=verify_with)
         fusion = _fusion_check(predictor, ct_dir, ct_csv, explain_dir)
     except (EdgebrainError, OSError, ValueError) as exc:
         raise FatalError(str(exc)) from exc
@@ -188,6 +197,28 @@ def command(artifact: Path, images: tuple[Path, ...], as_json: bool, top_k: int,
                    err=True)
     if failures:
         click.get_current_context().exit(EXIT_SOME_FAILED)
+
+
+def _artifact_or_raw(path: Path, preprocess: str | None, classes: str | None, input_size: int | None) -> Any:
+    """An artifact folder/manifest as it is; a raw model file without a manifest -> an Artifact
+    described by --preprocess/--classes/--input-size (which are refused for a real artifact)."""
+    from ..artifact import is_artifact_dir, raw_artifact
+
+    raw = path.is_file() and path.suffix.lower() in (".tflite", ".onnx", ".xml") and not is_artifact_dir(path.parent)
+    given = [n for n, v in (("--preprocess", preprocess), ("--classes", classes), ("--input-size", input_size))
+             if v is not None]
+    if not raw:
+        if given:
+            raise EdgebrainError(f"{path}: {', '.join(given)} are for raw model files; an artifact's manifest "
+                                 "already says them")
+        return path
+    from ..bench import _spec_for_raw
+
+    spec = _spec_for_raw(path, preprocess, input_size, "raw model file")
+    names = [c.strip() for c in (classes or "").split(",") if c.strip()]
+    if not names:
+        raise EdgebrainError(f"{path}: a raw model file needs --classes (comma-separated, in output order)")
+    return raw_artifact(path, spec, names)
 
 
 def _fusion_check(predictor: Any, ct_dir: Path | None, ct_csv: Path | None, explain_dir: Path | None) -> Any:

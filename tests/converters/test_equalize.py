@@ -91,3 +91,65 @@ def test_a_depthwise_output_read_twice_is_left_alone() -> None:
     w = [v.copy() for v in m.get_weights()]
     assert equalize_depthwise(m)["pairs"] == 0
     assert all(np.array_equal(p, q) for p, q in zip(w, m.get_weights(), strict=True))
+
+
+def _keras3_nested(k: Any) -> Any:
+    """A Keras 3 model in the keras.applications layout (base model nested in the classifier):
+    Xception's SeparableConv2D -> BN, MobileNetV2's DW -> BN -> ReLU6 -> 1x1, a plain DW -> BN ->
+    ReLU -> 1x1 and a DW -> BN -> swish -> 1x1 (EfficientNet)."""
+    L = k.layers
+    k.utils.set_random_seed(0)
+    inp = k.Input((16, 16, 8))
+    y = L.SeparableConv2D(12, 3, padding="same", use_bias=False, name="sep")(inp)
+    y = L.BatchNormalization(name="sep_bn")(y)
+    y = L.Activation("relu")(y)
+    for name, act in (("mb2", L.ReLU(6.0, name="mb2_relu6")), ("plain", L.ReLU(name="plain_relu")),
+                      ("eff", L.Activation("swish", name="eff_swish"))):
+        y = L.DepthwiseConv2D(3, padding="same", use_bias=False, name=f"{name}_dw")(y)
+        y = L.BatchNormalization(name=f"{name}_bn")(y)
+        y = act(y)
+        y = L.Conv2D(12, 1, use_bias=False, name=f"{name}_pw")(y)
+    base = k.Model(inp, L.GlobalAveragePooling2D()(y), name="base")
+    outer_in = k.Input((16, 16, 8))
+    return k.Model(outer_in, L.Dense(4, activation="softmax")(base(outer_in)))
+
+
+def test_keras3_nested_applications_layout_is_equalised_where_it_can_be() -> None:
+    """Keras 3 layers keep their readers in ``_outbound_nodes``: the SeparableConv2D's BatchNorm was
+    not found and the conversion crashed ('float' object is not subscriptable). Patterns that are
+    not scale-equivariant are skipped with the reason, never an error."""
+    from edgebrain.tfenv import import_tf
+
+    import_tf()
+    import keras
+
+    from edgebrain.converters.equalize import equalization_plan
+
+    m = _keras3_nested(keras)
+    x = np.random.default_rng(2).normal(size=(4, 16, 16, 8)).astype(np.float32)
+    before = np.asarray(m(x, training=False))
+    plan = equalization_plan(m)
+    rep = equalize_depthwise(m)
+    assert np.abs(np.asarray(m(x, training=False)) - before).max() < 1e-5
+    assert plan["pairs"] == ["sep", "plain_dw"] and plan["depthwise"] == 4
+    assert {(r["depthwise"], r["pointwise"]) for r in rep["layers"]} == {("sep", "sep"), ("plain_dw", "plain_pw")}
+    why = {s["layer"]: s["reason"] for s in rep["skipped"]}
+    assert set(why) == {"mb2_dw", "eff_dw"}
+    assert "max_value=6" in why["mb2_dw"] and "swish" in why["eff_dw"]
+
+
+def test_per_tensor_weights_only_when_every_depthwise_layer_is_equalised(tmp_path: Any) -> None:
+    """A model with depthwise layers that equalisation must leave alone keeps per-channel scales
+    (per-tensor would round their small channels away), and says which layer and why."""
+    from types import SimpleNamespace
+
+    from edgebrain.converters.base import BuildContext, weight_scales
+    from edgebrain.tfenv import import_tf
+
+    import_tf()
+    import keras
+
+    src = SimpleNamespace(model=_keras3_nested(keras), is_keras=True, notes={})
+    ctx = BuildContext(source=src, workdir=tmp_path, options={}, int8_checked=True)  # type: ignore[arg-type]
+    per_channel, why = weight_scales(ctx, "tflite_per_channel", False)
+    assert per_channel and "2 of 4" in why and "mb2_dw" in why

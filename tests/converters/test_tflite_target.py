@@ -25,9 +25,9 @@ def _keras(depthwise_nested: bool) -> Any:
     k = tf.keras
     inp = k.Input((32, 32, 3))
     x = k.layers.Conv2D(8, 3, activation="relu")(inp)
-    if depthwise_nested:  # a depthwise conv inside a nested model, as Keras applications nest backbones
+    if depthwise_nested:  # a depthwise -> pointwise pair inside a nested model, as Keras applications nest backbones
         sub_in = k.Input(x.shape[1:])
-        sub = k.Model(sub_in, k.layers.DepthwiseConv2D(3)(sub_in))
+        sub = k.Model(sub_in, k.layers.Conv2D(8, 1)(k.layers.DepthwiseConv2D(3)(sub_in)))
         x = sub(x)
     x = k.layers.GlobalAveragePooling2D()(x)
     return k.Model(inp, k.layers.Dense(4, activation="softmax")(x))
