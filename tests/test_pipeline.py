@@ -125,7 +125,7 @@ def test_pipeline_gate_passes_on_good_artifacts(good: dict[str, Any], tmp_path: 
     import xml.etree.ElementTree as ET
 
     root = ET.parse(junit).getroot()
-    assert root.get("failures") == "0" and root.get("errors") == "0" and int(root.get("tests", "0")) == 3 * 8
+    assert root.get("failures") == "0" and root.get("errors") == "0" and int(root.get("tests", "0")) == 3 * 10
     assert summary.read_text().startswith("## ✅ edgebrain gate: PASS")
     b = json.loads(base.read_text())
     assert b["source"]["sha256"] == res["reference"]["artifact_sha256"]
