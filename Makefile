@@ -68,6 +68,14 @@ $(XCEP)/model.keras: | venv check-data
 	$(EB) train xception-ft --data "$(DATA)" --out $(XCEP) --size 96 --width 0.25 --epochs 12 --batch-size 32 \
 	  --lr 2e-3 --lr-schedule cosine --patience 12 --flip --seed 42 --overwrite
 
+# (d) the demo's model: (c) with a shorter schedule, so that `make demo` (install included) fits 15 minutes
+# on 2 CPU cores; edge/demo.py trains exactly this (tests/edge/test_gate_demo.py checks they agree).
+XDEMO := $(MODELS)/xception-ft-w025-96-e9
+
+$(XDEMO)/model.keras: | venv check-data
+	$(EB) train xception-ft --data "$(DATA)" --out $(XDEMO) --size 96 --width 0.25 --epochs 9 --batch-size 32 \
+	  --lr 2e-3 --lr-schedule cosine --patience 9 --flip --seed 42 --overwrite
+
 # (c) retrained for scans from other scanners: per-image percentile normalisation + intensity augmentation.
 XCEPR := $(MODELS)/xception-ft-w025-96-robust
 
@@ -77,7 +85,7 @@ $(XCEPR)/model.keras: | venv check-data
 	  --aug-gamma 0.6,1.6 --aug-contrast 0.6,1.4 --aug-noise 10 --aug-blur 1.5 --aug-jpeg 30,95 --aug-rescale 0.5 \
 	  --aug-prob 0.3
 
-models: $(LITE)/model.keras $(FULL)/model.keras $(XCEP)/model.keras $(XCEPR)/model.keras
+models: $(LITE)/model.keras $(FULL)/model.keras $(XCEP)/model.keras $(XDEMO)/model.keras $(XCEPR)/model.keras
 
 demo: venv check-data
 	$(PY) -m edgebrain.demo --data "$(DATA)" --out $(DEMO)

@@ -159,7 +159,7 @@ class TFLiteTarget(Target):
                 warnings.append(warn)
 
             def gen() -> Any:
-                beat = Heartbeat(f"tflite {precision} calibration", total=len(cs))
+                beat = Heartbeat(f"tflite {precision} calibration", total=len(cs), at_once=False)
                 for xb in cs.batches(1):
                     yield [xb]
                     beat.tick()

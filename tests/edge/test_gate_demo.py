@@ -23,9 +23,9 @@ def _fake_model(folder: Path, settings: dict[str, Any]) -> None:
 
 
 def _makefile_xception_settings() -> dict[str, Any]:
-    """The documented model's `edgebrain train` line in the Makefile, parsed."""
+    """The demo model's `edgebrain train` line in the Makefile ($(XDEMO)), parsed."""
     text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
-    line = next(ln for ln in text.splitlines() if "train xception-ft" in ln)
+    line = next(ln for ln in text.splitlines() if "train xception-ft" in ln and "--out $(XDEMO)" in ln)
     flags = dict(re.findall(r"--([a-z-]+) ([^\s-][^\s]*)", line))
     return {"variant": "xception-ft", "input_size": int(flags["size"]), "width": float(flags["width"]),
             "epochs": int(flags["epochs"]), "batch_size": int(flags["batch-size"]), "lr": float(flags["lr"]),
@@ -34,11 +34,11 @@ def _makefile_xception_settings() -> dict[str, Any]:
 
 
 def test_demo_model_is_the_documented_makefile_model() -> None:
-    """The demo trains exactly what `make models` builds (97.10 % on Testing, README row (c)), into the
+    """The demo trains exactly what `make models` builds as $(XDEMO) (README row (d)), into the
     same folder, so either command reuses the other's model."""
     mk = _makefile_xception_settings()
-    assert mk.pop("out_dir") == "$(XCEP)"
-    assert "XCEP := $(MODELS)/" + demo.DOCUMENTED_DIR in (ROOT / "Makefile").read_text()
+    assert mk.pop("out_dir") == "$(XDEMO)"
+    assert "XDEMO := $(MODELS)/" + demo.DOCUMENTED_DIR in (ROOT / "Makefile").read_text()
     assert {k: v for k, v in demo.DOCUMENTED.items() if k != "per_class"} == mk
     assert demo.DOCUMENTED["per_class"] is None  # the whole Training split, not a quick subset
 
@@ -50,7 +50,7 @@ def test_documented_model_is_reused_when_settings_match(tmp_path: Path, capsys: 
     _fake_model(models / demo.DOCUMENTED_DIR, demo.DOCUMENTED)
     path, how = demo.choose_model(models, tmp_path / "out", tmp_path / "data")
     assert how == "reused" and path == models / demo.DOCUMENTED_DIR / "model.keras"
-    assert "REUSING the documented xception-ft" in capsys.readouterr().out
+    assert "REUSING the demo's model" in capsys.readouterr().out
 
 
 def test_missing_model_is_trained_into_the_models_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
